@@ -1,0 +1,1 @@
+"""Data loading and the paper's labeled / unlabeled / tune split (being implemented)."""

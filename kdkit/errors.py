@@ -1,0 +1,37 @@
+"""Errors a user can fix. The CLI prints them without a traceback and exits with code 2."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class KdkitError(Exception):
+    """Base class of every error caused by user input (a recipe, data, a plugin, a checkpoint)."""
+
+    exit_code = 2
+
+
+class RecipeError(KdkitError):
+    """A recipe is invalid. ``problems`` lists ``(dotted.key.path, message)`` pairs."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}"]
+        lines += [f"  {path or '<root>'}: {message}" for path, message in problems]
+        super().__init__("\n".join(lines))
+
+
+class PluginError(KdkitError):
+    """A plugin is missing, broken, blocked, duplicated or misused."""
+
+
+class DataError(KdkitError):
+    """Input data is unusable (missing columns, labels outside the label set, empty split, ...)."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest choice, or an empty string."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""

@@ -1,0 +1,294 @@
+"""Plugin discovery and the per-run plugin manager.
+
+Discovery (:func:`discover_plugins`) reads the ``kdkit`` entry-point group, loads each entry point on its own,
+and records what happened to it: a plugin that fails to import, declares no name, misspells a hook or clashes
+with another plugin's name is recorded as failed, and the others still work. Nothing is loaded at import time.
+
+A run then builds a fresh :class:`pluggy.PluginManager` holding one instance of each *enabled* plugin
+(:meth:`PluginRegistry.build_manager`), so that a hook call reaches only the plugins the recipe switched on.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, ClassVar
+
+import pluggy
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from kdkit import hookspecs
+from kdkit.batch import STREAMS
+from kdkit.errors import PluginError, did_you_mean
+
+ENTRY_POINT_GROUP = "kdkit"
+#: Comma-separated plugin names that are never loaded (checked before their module is imported).
+BLOCK_ENV_VAR = "KDKIT_BLOCK_PLUGINS"
+
+hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT)
+
+
+class NoOptions(BaseModel):
+    """Options model of a plugin that takes none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Plugin:
+    """Base class of kdkit plugins (see :mod:`kdkit.hookspecs` for the hooks).
+
+    Subclasses set ``name``, ``version``, ``Options`` (a pydantic model with ``extra="forbid"``) and, if they
+    implement ``kdkit_teacher_weights``, ``ensembles``: the streams on which they set teacher weights.
+    kdkit creates the instance with the validated options: ``self.options``.
+    """
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "0"
+    Options: ClassVar[type[BaseModel]] = NoOptions
+    ensembles: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, options: BaseModel | None = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    def ensembled_streams(self) -> tuple[str, ...]:
+        """Streams whose teacher weights this instance claims; override when it depends on the options."""
+        return tuple(self.ensembles)
+
+    def __repr__(self) -> str:
+        return f"<kdkit plugin {self.name} {self.version}>"
+
+
+class KdkitPluginManager(pluggy.PluginManager):
+    """A pluggy manager that treats every ``kdkit_``-prefixed method as a hook implementation.
+
+    Marking with :data:`hookimpl` is still needed for options such as ``trylast``; treating unmarked
+    ``kdkit_`` methods as implementations makes ``check_pending`` report a misspelled hook name instead of the
+    method being silently ignored.
+    """
+
+    def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
+        opts = super().parse_hookimpl_opts(plugin, name)
+        if opts is None and name.startswith("kdkit_") and callable(getattr(plugin, name, None)):
+            opts = {}
+        return opts
+
+
+@dataclass
+class PluginRecord:
+    """What discovery found under one plugin name."""
+
+    name: str
+    status: str  # "ok" | "failed" | "blocked"
+    version: str = ""
+    hooks: tuple[str, ...] = ()
+    distribution: str = ""
+    entry_point: str = ""
+    error: str = ""
+    cls: type[Plugin] | None = field(default=None, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "status": self.status,
+            "hooks": list(self.hooks),
+            "distribution": self.distribution,
+            "entry_point": self.entry_point,
+            "error": self.error,
+        }
+
+
+def _plugin_hooks(cls: type) -> tuple[str, ...]:
+    return tuple(n for n in hookspecs.HOOK_NAMES if callable(getattr(cls, n, None)))
+
+
+def check_plugin_class(cls: Any, expected_name: str | None = None) -> None:
+    """Raise :class:`PluginError` when ``cls`` is not a usable kdkit plugin class."""
+    where = expected_name or getattr(cls, "__qualname__", repr(cls))
+    if not (isinstance(cls, type) and issubclass(cls, Plugin)):
+        raise PluginError(f"{where}: the entry point must name a subclass of kdkit.Plugin, got {cls!r}")
+    if not cls.name:
+        raise PluginError(f"{where}: plugin class {cls.__qualname__} sets no `name`")
+    if expected_name is not None and cls.name != expected_name:
+        raise PluginError(
+            f"entry point '{expected_name}' names plugin class {cls.__qualname__} whose name is '{cls.name}'; "
+            "the two must match"
+        )
+    if not (isinstance(cls.Options, type) and issubclass(cls.Options, BaseModel)):
+        raise PluginError(f"plugin '{cls.name}': `Options` must be a pydantic model class")
+    unknown = [n for n in dir(cls) if n.startswith("kdkit_") and n not in hookspecs.HOOK_NAMES]
+    if unknown:
+        hint = did_you_mean(unknown[0], hookspecs.HOOK_NAMES)
+        raise PluginError(f"plugin '{cls.name}': unknown hook '{unknown[0]}'{hint}")
+    if not _plugin_hooks(cls):
+        raise PluginError(f"plugin '{cls.name}' implements none of the hooks {', '.join(hookspecs.HOOK_NAMES)}")
+    bad = [s for s in cls.ensembles if s not in STREAMS]
+    if bad:
+        raise PluginError(f"plugin '{cls.name}': `ensembles` holds unknown stream {bad[0]!r}; use {STREAMS}")
+
+
+def blocked_from_env() -> set[str]:
+    raw = os.environ.get(BLOCK_ENV_VAR, "")
+    return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+class PluginRegistry:
+    """Every plugin discovery saw, by name. ``records`` includes failed and blocked ones."""
+
+    def __init__(self, records: Iterable[PluginRecord] = ()) -> None:
+        self.records: dict[str, PluginRecord] = {}
+        for record in records:
+            self.records[record.name] = record
+
+    # ----------------------------------------------------------------- lookup
+    def available(self) -> list[str]:
+        return sorted(n for n, r in self.records.items() if r.status == "ok")
+
+    def failures(self) -> list[PluginRecord]:
+        return [r for r in self.records.values() if r.status == "failed"]
+
+    def get(self, name: str) -> type[Plugin]:
+        """The plugin class registered as ``name``; :class:`PluginError` with a suggestion otherwise."""
+        record = self.records.get(name)
+        if record is None:
+            hint = did_you_mean(name, self.records)
+            available = ", ".join(self.available()) or "none"
+            raise PluginError(f"unknown plugin '{name}'{hint}; installed plugins: {available}")
+        if record.status == "blocked":
+            raise PluginError(f"plugin '{name}' is blocked (recipe `blocked_plugins` or ${BLOCK_ENV_VAR})")
+        if record.status != "ok" or record.cls is None:
+            raise PluginError(f"plugin '{name}' could not be loaded: {record.error}")
+        return record.cls
+
+    def validate_options(self, name: str, options: Mapping[str, Any] | BaseModel | None) -> BaseModel:
+        """Validate ``options`` with the plugin's own model; errors are ``pydantic.ValidationError``."""
+        cls = self.get(name)
+        if isinstance(options, cls.Options):
+            return options
+        if isinstance(options, BaseModel):
+            options = options.model_dump()
+        return cls.Options.model_validate(dict(options or {}))
+
+    # ----------------------------------------------------------------- per run
+    def instantiate(self, enabled: Mapping[str, Mapping[str, Any] | BaseModel | None]) -> list[Plugin]:
+        """One instance per enabled plugin, options validated; checks ensembling conflicts."""
+        instances = []
+        for name, options in enabled.items():
+            try:
+                validated = self.validate_options(name, options)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                loc = ".".join(str(p) for p in first["loc"])
+                raise PluginError(f"plugins.{name}.{loc}: {first['msg']}") from None
+            instances.append(self.get(name)(validated))
+        check_ensembling_conflicts(instances)
+        return instances
+
+    def build_manager(self, enabled: Mapping[str, Mapping[str, Any] | BaseModel | None]) -> KdkitPluginManager:
+        return build_manager(self.instantiate(enabled))
+
+
+def check_ensembling_conflicts(instances: Iterable[Plugin]) -> None:
+    """Two plugins may not both set teacher weights for one stream: which wins would depend on load order."""
+    owner: dict[str, str] = {}
+    for plugin in instances:
+        for stream in plugin.ensembled_streams():
+            if stream in owner:
+                raise PluginError(
+                    f"ensembling conflict: plugins '{owner[stream]}' and '{plugin.name}' both set teacher weights "
+                    f"for {stream} samples; disable one of them (enabled = false)"
+                )
+            owner[stream] = plugin.name
+
+
+def build_manager(instances: Iterable[Plugin]) -> KdkitPluginManager:
+    """A fresh plugin manager holding exactly ``instances``, hook names checked."""
+    pm = KdkitPluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for plugin in instances:
+        try:
+            pm.register(plugin, name=plugin.name)
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            raise PluginError(f"plugin '{plugin.name}' cannot be registered: {exc}") from None
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin '{exc.plugin}': {exc}") from None
+    return pm
+
+
+def _dist_name(ep: metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return getattr(dist, "name", "") or "<unknown distribution>"
+
+
+def discover_plugins(
+    *,
+    blocked: Iterable[str] = (),
+    extra: Iterable[type[Plugin]] = (),
+    load_entrypoints: bool = True,
+    group: str = ENTRY_POINT_GROUP,
+) -> PluginRegistry:
+    """Find the installed plugins. Each entry point is loaded on its own; failures are recorded, not raised.
+
+    :param blocked: plugin names not to load (added to those in ``$KDKIT_BLOCK_PLUGINS``). Blocking happens
+        before the entry point is loaded, so a blocked plugin's module is never imported.
+    :param extra: plugin classes to register directly (tests, notebooks), as if installed.
+    :param load_entrypoints: ``False`` gives a registry with only ``extra`` (the test helpers use it).
+    """
+    blocked_names = set(blocked) | blocked_from_env()
+    records: dict[str, PluginRecord] = {}
+    clashes: dict[str, list[str]] = {}
+
+    def add(record: PluginRecord) -> None:
+        previous = records.get(record.name)
+        if previous is not None and previous.status != "blocked":
+            clashes.setdefault(record.name, [f"{previous.distribution} ({previous.entry_point})"]).append(
+                f"{record.distribution} ({record.entry_point})"
+            )
+            return
+        records[record.name] = record
+
+    if load_entrypoints:
+        for ep in sorted(metadata.entry_points(group=group), key=lambda e: (e.name, _dist_name(e))):
+            base = PluginRecord(name=ep.name, status="ok", distribution=_dist_name(ep), entry_point=ep.value)
+            if ep.name in blocked_names:
+                base.status = "blocked"
+                add(base)
+                continue
+            try:
+                cls = ep.load()
+                check_plugin_class(cls, expected_name=ep.name)
+            except PluginError as exc:
+                base.status, base.error = "failed", str(exc)
+            except Exception as exc:  # a third-party import may raise anything; record it and go on
+                base.status, base.error = "failed", f"{type(exc).__name__}: {exc}"
+            else:
+                base.cls, base.version, base.hooks = cls, str(cls.version), _plugin_hooks(cls)
+            add(base)
+    for cls in extra:
+        check_plugin_class(cls)
+        module = sys.modules.get(cls.__module__)
+        where = f"{getattr(module, '__name__', cls.__module__)}:{cls.__qualname__}"
+        if cls.name in blocked_names:
+            add(PluginRecord(name=cls.name, status="blocked", distribution="<registered in code>", entry_point=where))
+            continue
+        add(
+            PluginRecord(
+                name=cls.name,
+                status="ok",
+                version=str(cls.version),
+                hooks=_plugin_hooks(cls),
+                distribution="<registered in code>",
+                entry_point=where,
+                cls=cls,
+            )
+        )
+    for name, providers in clashes.items():
+        record = records[name]
+        record.status, record.cls = "failed", None
+        record.error = f"plugin name '{name}' is provided more than once: " + " and ".join(providers)
+    return PluginRegistry(records.values())
