@@ -46,10 +46,13 @@ def fake_batch(
     labeled: int | None = None,
     seed: int = 0,
     temperature: float = 1.0,
+    scale: float = 2.0,
 ) -> KDBatch:
     """A :class:`KDBatch` of random logits (see :func:`fake_logits`); use ``.select(None, stream)`` or
     :func:`stream_view` to get the per-stream view a hook receives."""
-    student, teacher, labels = fake_logits(size=size, teachers=teachers, classes=classes, labeled=labeled, seed=seed)
+    student, teacher, labels = fake_logits(
+        size=size, teachers=teachers, classes=classes, labeled=labeled, seed=seed, scale=scale
+    )
     return KDBatch(student, teacher, labels, temperature)
 
 
@@ -60,10 +63,16 @@ def stream_view(batch: KDBatch, stream: str) -> KDBatch:
 
 
 def run_hook(plugin: Plugin, hook: str, batch: KDBatch) -> Any:
-    """Call one hook of one plugin instance through a real plugin manager (keywords only, as kdkit does)."""
+    """Call one hook of one plugin instance through a real plugin manager (keywords only, as kdkit does).
+
+    Returns that plugin's answer: a tensor, or ``None`` when it has no opinion (pluggy's list of answers of a
+    multi-answer hook is unwrapped, so every hook reads the same way).
+    """
     pm = build_manager([plugin])
     caller = getattr(pm.hook, hook)
     result = caller(batch=batch)
+    if isinstance(result, list):  # kdkit_kd_weights / kdkit_sample_weights collect all answers, None dropped
+        return result[0] if result else None
     return result
 
 
