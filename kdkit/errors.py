@@ -13,14 +13,20 @@ class KdkitError(Exception):
 
 
 class RecipeError(KdkitError):
-    """A recipe is invalid. ``problems`` lists ``(dotted.key.path, message)`` pairs."""
+    """A recipe is invalid. ``problems`` lists ``(dotted.key.path, message)`` pairs; an empty path means the file
+    as a whole (missing, empty, not TOML)."""
 
     def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
         self.source = source
-        self.problems = problems
-        lines = [f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}"]
-        lines += [f"  {path or '<root>'}: {message}" for path, message in problems]
-        super().__init__("\n".join(lines))
+        self.problems = list(problems)
+        if len(self.problems) == 1 and not self.problems[0][0]:
+            text = f"{source}: {self.problems[0][1]}"
+        else:
+            count = len(self.problems)
+            lines = [f"{source}: {count} problem{'s' if count != 1 else ''}"]
+            lines += [f"  {path or '(file)'}: {message}" for path, message in self.problems]
+            text = "\n".join(lines)
+        super().__init__(text)
 
 
 class PluginError(KdkitError):
@@ -33,5 +39,5 @@ class DataError(KdkitError):
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest choice, or an empty string."""
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    match = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean '{match[0]}'?)" if match else ""

@@ -11,6 +11,7 @@ A run then builds a fresh :class:`pluggy.PluginManager` holding one instance of 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -105,13 +106,26 @@ def _plugin_hooks(cls: type) -> tuple[str, ...]:
     return tuple(n for n in hookspecs.HOOK_NAMES if callable(getattr(cls, n, None)))
 
 
+#: A plugin name is a recipe key (``[plugins.<name>]``, ``--set plugins.<name>.x=1``): no dots or spaces.
+PLUGIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
 def check_plugin_class(cls: Any, expected_name: str | None = None) -> None:
-    """Raise :class:`PluginError` when ``cls`` is not a usable kdkit plugin class."""
+    """Raise :class:`PluginError` when ``cls`` is not a usable kdkit plugin class.
+
+    Checks what can be checked without options: the base class, the name (and that it matches the entry point),
+    the options model, that every ``kdkit_`` method is a known hook, and that pluggy accepts the hook signatures
+    (``check_pending`` on a throwaway manager).
+    """
     where = expected_name or getattr(cls, "__qualname__", repr(cls))
     if not (isinstance(cls, type) and issubclass(cls, Plugin)):
         raise PluginError(f"{where}: the entry point must name a subclass of kdkit.Plugin, got {cls!r}")
     if not cls.name:
         raise PluginError(f"{where}: plugin class {cls.__qualname__} sets no `name`")
+    if not PLUGIN_NAME.match(cls.name):
+        raise PluginError(
+            f"{where}: plugin name {cls.name!r} may hold only letters, digits, '-' and '_' (it is a recipe key)"
+        )
     if expected_name is not None and cls.name != expected_name:
         raise PluginError(
             f"entry point '{expected_name}' names plugin class {cls.__qualname__} whose name is '{cls.name}'; "
@@ -119,6 +133,9 @@ def check_plugin_class(cls: Any, expected_name: str | None = None) -> None:
         )
     if not (isinstance(cls.Options, type) and issubclass(cls.Options, BaseModel)):
         raise PluginError(f"plugin '{cls.name}': `Options` must be a pydantic model class")
+    option_keys = {info.alias or key for key, info in cls.Options.model_fields.items()} | set(cls.Options.model_fields)
+    if "enabled" in option_keys:
+        raise PluginError(f"plugin '{cls.name}': an option may not be called 'enabled' (recipes use it to switch off)")
     unknown = [n for n in dir(cls) if n.startswith("kdkit_") and n not in hookspecs.HOOK_NAMES]
     if unknown:
         hint = did_you_mean(unknown[0], hookspecs.HOOK_NAMES)
@@ -128,6 +145,16 @@ def check_plugin_class(cls: Any, expected_name: str | None = None) -> None:
     bad = [s for s in cls.ensembles if s not in STREAMS]
     if bad:
         raise PluginError(f"plugin '{cls.name}': `ensembles` holds unknown stream {bad[0]!r}; use {STREAMS}")
+    # pluggy checks each hook's arguments against the spec when a plugin is registered; do it now, on a bare
+    # instance (no options, no __init__), so that a wrong signature shows in `kdkit plugins`, not mid-run.
+    probe = cls.__new__(cls)
+    pm = KdkitPluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    try:
+        pm.register(probe, name=cls.name)
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin '{cls.name}': {exc}") from None
 
 
 def blocked_from_env() -> set[str]:
@@ -149,6 +176,29 @@ class PluginRegistry:
 
     def failures(self) -> list[PluginRecord]:
         return [r for r in self.records.values() if r.status == "failed"]
+
+    def with_blocked(self, names: Iterable[str]) -> PluginRegistry:
+        """A copy in which the plugins ``names`` are blocked (a recipe's ``blocked_plugins``).
+
+        Blocking here comes after loading; to keep a plugin's module from ever being imported, pass the names
+        to :func:`discover_plugins` instead (the CLI and :meth:`kdkit.recipe.Recipe.plugin_registry` do).
+        """
+        names = set(names)
+        if not names & set(self.records):
+            return self
+        records = []
+        for record in self.records.values():
+            if record.name in names:
+                record = PluginRecord(
+                    name=record.name,
+                    status="blocked",
+                    version=record.version,
+                    hooks=record.hooks,
+                    distribution=record.distribution,
+                    entry_point=record.entry_point,
+                )
+            records.append(record)
+        return PluginRegistry(records)
 
     def get(self, name: str) -> type[Plugin]:
         """The plugin class registered as ``name``; :class:`PluginError` with a suggestion otherwise."""
@@ -264,7 +314,7 @@ def discover_plugins(
                 check_plugin_class(cls, expected_name=ep.name)
             except PluginError as exc:
                 base.status, base.error = "failed", str(exc)
-            except Exception as exc:  # a third-party import may raise anything; record it and go on
+            except (Exception, SystemExit) as exc:  # a third-party import may raise anything; record it, go on
                 base.status, base.error = "failed", f"{type(exc).__name__}: {exc}"
             else:
                 base.cls, base.version, base.hooks = cls, str(cls.version), _plugin_hooks(cls)

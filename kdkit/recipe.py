@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+import re
 import sys
+import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdkit.batch import STREAMS
-from kdkit.errors import PluginError, RecipeError, did_you_mean
+from kdkit.errors import KdkitError, RecipeError, did_you_mean
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kdkit.loss import DistillationLoss
+    from kdkit.manager import PluginRegistry
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -115,6 +122,11 @@ class StudentConfig(TrainConfig):
     num_layers: int | None = Field(None, gt=0, description="keep only the first k transformer layers")
     trust_remote_code: bool = False
     save_steps: int = Field(500, gt=0, description="checkpoint every so many optimizer steps")
+    label_only_baseline: bool = Field(
+        False,
+        description="also train the same student on the labeled split alone, for as many optimizer steps as the "
+        "distilled student (per seed), and report it beside the distilled one",
+    )
 
 
 class DistillConfig(_Strict):
@@ -157,111 +169,334 @@ class Recipe(_Strict):
             if table.get("enabled", True)
         }
 
+    def plugin_registry(self) -> PluginRegistry:
+        """The installed plugins, minus this recipe's ``blocked_plugins`` (never imported)."""
+        from kdkit.manager import discover_plugins
 
-# --------------------------------------------------------------------------- loading and validation
-def _format_loc(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(part) for part in loc if not (isinstance(part, str) and part.startswith("function-")))
+        return discover_plugins(blocked=self.blocked_plugins)
+
+    def distillation_loss(self, registry: PluginRegistry | None = None) -> DistillationLoss:
+        """The :class:`kdkit.DistillationLoss` this recipe describes: its enabled plugins with their options,
+        ``distill.temperature`` and ``distill.on``. Plugins switched off with ``enabled = false`` take no part."""
+        from kdkit.loss import DistillationLoss
+
+        registry = self.plugin_registry() if registry is None else registry.with_blocked(self.blocked_plugins)
+        return DistillationLoss.from_plugins(
+            self.enabled_plugins(), temperature=self.distill.temperature, on=self.distill.on, registry=registry
+        )
 
 
-def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model class that holds the key at ``loc`` (for 'did you mean' on extra keys)."""
-    current: type[BaseModel] | None = model
-    for part in loc[:-1]:
-        if current is None or not isinstance(part, str) or part not in current.model_fields:
-            return None
-        annotation = current.model_fields[part].annotation
-        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-    return current
+#: The key of a plugin table that switches the plugin off; no plugin option may use this name.
+ENABLED_KEY = "enabled"
 
 
-def _problems_from(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> list[tuple[str, str]]:
-    problems = []
+# --------------------------------------------------------------------------- readable validation errors
+# pydantic reports an error at a location such as ("teachers", "model", "PackageModel", "pakage"): the names of
+# union members ("PackageModel", "str") and of validator wrappers are part of it. The helpers below walk the
+# model's annotations along that location to drop those parts, find the table that holds an unknown key (for
+# "did you mean") and describe the expected type in TOML words.
+
+
+def _unwrap(annotation: Any) -> Any:
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    return annotation
+
+
+def _union_members(annotation: Any) -> list[Any] | None:
+    if get_origin(annotation) in (Union, types.UnionType):
+        return [a for a in get_args(annotation) if a is not type(None)]
+    return None
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _member_matches(member: Any, tag: str) -> bool:
+    """Whether ``tag`` (a part of a pydantic error location) names the union member ``member``."""
+    member = _unwrap(member)
+    if isinstance(member, type) and tag == member.__name__:
+        return True
+    origin = get_origin(member)
+    if origin is None:
+        return False
+    origin_name = "literal" if origin is Literal else getattr(origin, "__name__", str(origin))
+    return tag.lower().startswith(origin_name.lower() + "[")
+
+
+def _table_keys(model: type[BaseModel]) -> list[str]:
+    """The keys a recipe table of ``model`` accepts (aliases where set)."""
+    return [info.alias or name for name, info in model.model_fields.items()]
+
+
+def _field(model: type[BaseModel], key: str) -> Any:
+    for name, info in model.model_fields.items():
+        if key in (name, info.alias):
+            return info.annotation
+    return None
+
+
+class _Place:
+    """Where a pydantic error location points in the recipe: the clean dotted path and the annotation there."""
+
+    def __init__(self, model: type[BaseModel], loc: tuple[Any, ...]) -> None:
+        self.parts: list[str] = []
+        self.union_at: int | None = None  # len(parts) where the innermost union was crossed
+        current: Any = model
+        for part in loc:
+            if isinstance(part, str) and part.startswith("function-"):
+                continue
+            current = _unwrap(current)
+            members = _union_members(current)
+            while members is not None and len(members) == 1:  # Optional[X]
+                current = _unwrap(members[0])
+                members = _union_members(current)
+            if members is not None:
+                match = next((m for m in members if isinstance(part, str) and _member_matches(m, part)), None)
+                if match is not None:
+                    self.union_at, current = len(self.parts), match
+                    continue
+            self.parts.append(str(part))
+            origin = get_origin(current)
+            args = get_args(current)
+            if _is_model(current) and isinstance(part, str):
+                current = _field(current, part)
+            elif origin in (list, tuple, set, frozenset) and isinstance(part, int):
+                current = args[0] if args else None
+            elif origin is dict and isinstance(part, str):
+                current = args[1] if len(args) == 2 else None
+            else:
+                current = None
+        self.annotation = _unwrap(current)
+
+    @property
+    def path(self) -> str:
+        return ".".join(self.parts)
+
+    @property
+    def union_branch_only(self) -> bool:
+        """The error is about the union member as a whole (its type), not about something inside it."""
+        return self.union_at is not None and self.union_at == len(self.parts)
+
+
+def _describe(annotation: Any) -> str:
+    """The expected type in TOML words."""
+    annotation = _unwrap(annotation)
+    members = _union_members(annotation)
+    if members is not None:
+        return " or ".join(dict.fromkeys(_describe(m) for m in members))
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(v) for v in get_args(annotation))
+    if origin in (list, tuple, set, frozenset) or annotation in (list, tuple):
+        return "an array"
+    if origin is dict or annotation is dict or _is_model(annotation):
+        return "a table"
+    simple = {str: "a string", bool: "true or false", int: "an integer", float: "a number"}
+    return simple.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+_TYPE_ERRORS = {
+    "string_type", "int_type", "int_parsing", "int_from_float", "float_type", "float_parsing", "bool_type",
+    "bool_parsing", "list_type", "tuple_type", "set_type", "dict_type", "model_type", "model_attributes_type",
+    "literal_error", "enum",
+}
+
+
+def _got(value: Any) -> str:
+    if isinstance(value, dict):
+        return " (got a table)"
+    if isinstance(value, list):
+        return " (got an array)" if len(repr(value)) > 60 else f" (got {value!r})"
+    return f" (got {value!r})"
+
+
+def _message(err: Mapping[str, Any], place: _Place, owner: type[BaseModel] | None) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        key = str(err["loc"][-1])
+        if owner is None:
+            return f"unknown key '{key}'"
+        choices = _table_keys(owner)
+        return f"unknown key '{key}'{did_you_mean(key, choices)}; allowed: {', '.join(choices)}"
+    if kind == "missing":
+        return "required key is missing"
+    if kind in _TYPE_ERRORS and place.annotation is not None:
+        message = f"must be {_describe(place.annotation)}{_got(err.get('input'))}"
+        value = err.get("input")
+        if get_origin(place.annotation) is Literal and isinstance(value, str):
+            message += did_you_mean(value, [str(v) for v in get_args(place.annotation)])
+        return message
+    message = str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    message = re.sub(r"^(Input|List|String|Value|Dictionary|Tuple|Set|Data) should ", "must ", message)
+    value = err.get("input")
+    if kind != "value_error" or isinstance(value, (str, int, float, bool)):
+        if "input" in err and not isinstance(value, dict):
+            message += _got(value)
+    return message
+
+
+def problems_from(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> list[tuple[str, str]]:
+    """``(dotted path, message)`` for each error of ``exc`` raised validating ``model``; ``prefix`` is the
+    dotted path of the table that ``model`` validated (e.g. ``"plugins.aekd."``)."""
+    raw = []
     for err in exc.errors():
         loc = tuple(err["loc"])
-        path = prefix + _format_loc(loc)
+        place = _Place(model, loc)
+        owner = None
         if err["type"] == "extra_forbidden":
-            owner = _model_at(model, loc)
-            choices = list(owner.model_fields) if owner is not None else []
-            key = str(loc[-1])
-            message = f"unknown key '{key}'{did_you_mean(key, choices)}"
-            if choices:
-                message += f"; allowed: {', '.join(choices)}"
-        elif err["type"] == "missing":
-            message = "required key is missing"
-        else:
-            message = err["msg"].removeprefix("Value error, ")
-            if "input" in err and err["type"] not in ("model_type", "dict_type") and not isinstance(err["input"], dict):
-                message += f" (got {err['input']!r})"
-        problems.append((path, message))
-    return problems
+            holder = _Place(model, loc[:-1]).annotation
+            owner = holder if _is_model(holder) else None
+        raw.append((place, _message(err, place, owner)))
+    # A value checked against a union (``str | PackageModel``) fails once per member. When one member got
+    # far enough to report something inside it, the value was meant as that member: keep only those errors.
+    # Otherwise say once what the value may be.
+    deep = {".".join(p.parts[: p.union_at]) for p, _ in raw if p.union_at is not None and not p.union_branch_only}
+    problems: list[tuple[str, str]] = []
+    merged: dict[str, list[str]] = {}
+    for place, message in raw:
+        if place.union_branch_only:
+            if place.path in deep:
+                continue
+            merged.setdefault(place.path, []).append(message)
+            if len(merged[place.path]) > 1:
+                continue
+        problems.append((place.path, message))
+    result = []
+    for path, message in problems:
+        alternatives = merged.get(path)
+        if alternatives and len(alternatives) > 1:
+            kinds = [m.removeprefix("must be ").split(" (got ")[0] for m in alternatives]
+            got = alternatives[0].split(" (got ", 1)[1] if " (got " in alternatives[0] else ""
+            message = "must be " + " or ".join(dict.fromkeys(kinds)) + (f" (got {got}" if got else "")
+        result.append((prefix + path, message))
+    return result
+
+
+# --------------------------------------------------------------------------- loading and validation
+_TOML_PLACE = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 
 
 def parse_toml(path: Path) -> dict[str, Any]:
     """Read a TOML file; every failure is a :class:`RecipeError` naming the file (and line for syntax)."""
+    source = str(path)
     if not path.exists():
-        raise RecipeError(str(path), [("", "file not found")])
+        raise RecipeError(source, [("", "file not found")])
     if path.is_dir():
-        raise RecipeError(str(path), [("", "is a directory, not a recipe file")])
-    raw = path.read_bytes()
+        raise RecipeError(source, [("", "is a directory, not a recipe file")])
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(source, [("", f"cannot be read: {exc.strerror or exc}")]) from None
     if not raw.strip():
-        raise RecipeError(str(path), [("", "file is empty")])
+        raise RecipeError(source, [("", "file is empty: a recipe needs at least `name`, [data], [teachers], [student]")])
+    if b"\x00" in raw:
+        raise RecipeError(source, [("", "contains NUL bytes: this is a binary file, not a TOML recipe")])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise RecipeError(str(path), [("", f"not a UTF-8 text file (byte {exc.start}): is it a binary file?")]) from None
-    if "\x00" in text:
-        raise RecipeError(str(path), [("", "contains NUL bytes: is it a binary file?")])
+        raise RecipeError(
+            source, [("", f"is not UTF-8 text (bad byte at offset {exc.start}): a binary file, not a TOML recipe")]
+        ) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(str(path), [("", f"TOML syntax error: {exc}")]) from None
+        raise RecipeError(source, [("", _syntax_message(str(exc), text))]) from None
 
 
-def validate_recipe(data: Mapping[str, Any], source: str = "<recipe>", registry: Any = None) -> Recipe:
-    """Validate a recipe mapping as a whole: structure, then every enabled plugin's options and conflicts.
+def _syntax_message(message: str, text: str) -> str:
+    match = _TOML_PLACE.search(message)
+    if match is None:
+        return f"TOML syntax error: {message}"
+    line, column = int(match.group(1)), int(match.group(2))
+    reason = message[: match.start()]
+    lines = text.splitlines()
+    shown = lines[line - 1] if 0 < line <= len(lines) else ""
+    gutter = f"{line} | "
+    return (
+        f"TOML syntax error at line {line}, column {column}: {reason}\n"
+        f"    {gutter}{shown}\n"
+        f"    {' ' * len(gutter)}{' ' * (column - 1)}^"
+    )
 
-    :param registry: a :class:`kdkit.PluginRegistry`; by default the installed plugins (minus
-        ``blocked_plugins``).
+
+def validate_recipe(data: Mapping[str, Any], source: str = "<recipe>", registry: PluginRegistry | None = None) -> Recipe:
+    """Validate a recipe mapping as a whole: structure, every plugin table's options, then conflicts.
+
+    Every problem is collected before anything is raised, so that one run of ``kdkit validate`` shows them all.
+    A plugin table switched off (``enabled = false``) is still validated, so that switching it back on cannot
+    fail later.
+
+    :param registry: a :class:`kdkit.PluginRegistry`; by default the installed plugins. The recipe's
+        ``blocked_plugins`` are blocked in either case (before loading, when kdkit discovers the plugins).
     :raises RecipeError: listing every problem found, each with its dotted key path.
     """
+    problems: list[tuple[str, str]] = []
+    recipe: Recipe | None = None
     try:
         recipe = Recipe.model_validate(dict(data))
     except ValidationError as exc:
-        raise RecipeError(source, _problems_from(exc, Recipe)) from None
+        problems.extend(problems_from(exc, Recipe))
 
-    if registry is None:
-        from kdkit.manager import discover_plugins
+    if recipe is not None:
+        tables: Any = recipe.plugins
+        blocked = list(recipe.blocked_plugins)
+    else:  # the structure is broken somewhere; still check the plugin tables that can be checked
+        tables = data.get("plugins")
+        raw_blocked = data.get("blocked_plugins", [])
+        blocked = [b for b in raw_blocked if isinstance(b, str)] if isinstance(raw_blocked, list) else []
+    if isinstance(tables, Mapping) and tables:
+        if registry is None:
+            from kdkit.manager import discover_plugins
 
-        registry = discover_plugins(blocked=recipe.blocked_plugins)
-    problems: list[tuple[str, str]] = []
-    for name, table in recipe.plugins.items():
-        path = f"plugins.{name}"
-        enabled = table.get("enabled", True)
-        if not isinstance(enabled, bool):
-            problems.append((f"{path}.enabled", f"must be true or false (got {enabled!r})"))
-            continue
-        try:
-            cls = registry.get(name)
-        except PluginError as exc:
-            if enabled or name not in registry.records:
-                problems.append((path, str(exc)))
-            continue
-        options = {k: v for k, v in table.items() if k != "enabled"}
-        try:
-            cls.Options.model_validate(options)
-        except ValidationError as exc:
-            problems.extend(_problems_from(exc, cls.Options, prefix=path + "."))
+            registry = discover_plugins(blocked=blocked)
+        else:
+            registry = registry.with_blocked(blocked)
+        problems.extend(_plugin_problems(tables, registry))
     if problems:
         raise RecipeError(source, problems)
-    try:
-        registry.instantiate(recipe.enabled_plugins())
-    except PluginError as exc:
-        raise RecipeError(source, [("plugins", str(exc))]) from None
+    assert recipe is not None
+    if recipe.plugins:
+        assert registry is not None
+        try:
+            registry.instantiate(recipe.enabled_plugins())
+        except KdkitError as exc:
+            raise RecipeError(source, [("plugins", str(exc))]) from None
     return recipe
 
 
-def load_recipe(path: str | Path, registry: Any = None, overrides: Mapping[str, Any] | None = None) -> Recipe:
-    """Read and validate a recipe file. ``overrides`` maps dotted keys to values (``--set``)."""
+def _plugin_problems(tables: Mapping[str, Any], registry: PluginRegistry) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for name, table in tables.items():
+        if not isinstance(table, Mapping):
+            continue  # reported by the structural check ("must be a table")
+        path = f"plugins.{name}"
+        enabled = table.get(ENABLED_KEY, True)
+        if not isinstance(enabled, bool):
+            problems.append((f"{path}.{ENABLED_KEY}", f"must be true or false{_got(enabled)}"))
+            continue
+        try:
+            cls = registry.get(name)
+        except KdkitError as exc:
+            # A switched-off plugin that is installed but broken or blocked cannot be checked; that is fine.
+            # An unknown name is reported either way: it is most likely a typo.
+            if enabled or name not in registry.records:
+                problems.append((path, str(exc)))
+            continue
+        options = {k: v for k, v in table.items() if k != ENABLED_KEY}
+        try:
+            cls.Options.model_validate(options)
+        except ValidationError as exc:
+            problems.extend(problems_from(exc, cls.Options, prefix=path + "."))
+    return problems
+
+
+def load_recipe(
+    path: str | Path, registry: PluginRegistry | None = None, overrides: Mapping[str, Any] | None = None
+) -> Recipe:
+    """Read and validate a recipe file. ``overrides`` maps dotted keys to values (``--set``), applied before
+    validation."""
     path = Path(path)
     data = parse_toml(path)
     for dotted, value in (overrides or {}).items():
@@ -272,10 +507,101 @@ def load_recipe(path: str | Path, registry: Any = None, overrides: Mapping[str, 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``data[a][b][c] = value`` for ``dotted = "a.b.c"``, creating tables as needed."""
     parts = dotted.split(".")
+    if not all(part.strip() for part in parts):
+        raise RecipeError("--set", [(dotted, "empty part in the dotted key")])
+    parts = [part.strip() for part in parts]
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise RecipeError("--set", [(".".join(parts[: i + 1]), "is a value, not a table")])
+            raise RecipeError("--set", [(".".join(parts[: i + 1]), f"is a value ({child!r}), not a table")])
         node = child
     node[parts[-1]] = value
+
+
+def parse_override(expression: str) -> tuple[str, Any]:
+    """``"a.b=value"`` -> ``("a.b", value)``; ``value`` is read as a TOML value (``1e-5``, ``true``, ``"x"``,
+    ``[1, 2]``, ``{a = 1}``) and, when it is not one, kept as a plain string (``bert-base-uncased``)."""
+    key, sep, text = expression.partition("=")
+    key = key.strip()
+    if not sep:
+        raise RecipeError("--set", [(key, f"expected KEY=VALUE, got {expression!r}")])
+    if not key:
+        raise RecipeError("--set", [("", f"no key before '=' in {expression!r}")])
+    text = text.strip()
+    try:
+        value = tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return key, value
+
+
+def apply_overrides(data: dict[str, Any], expressions: list[str]) -> dict[str, Any]:
+    """A copy of ``data`` with each ``KEY=VALUE`` expression applied in order."""
+    data = copy.deepcopy(data)
+    for expression in expressions:
+        key, value = parse_override(expression)
+        set_dotted(data, key, value)
+    return data
+
+
+# --------------------------------------------------------------------------- JSON Schema
+def recipe_json_schema(registry: PluginRegistry) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The JSON Schema of a recipe, with each usable plugin's options under ``properties.plugins``.
+
+    :returns: the schema and ``(plugin name, reason)`` for each plugin left out (failed or blocked).
+    """
+    schema = Recipe.model_json_schema()
+    defs: dict[str, Any] = schema.setdefault("$defs", {})
+    plugins_properties: dict[str, Any] = {}
+    skipped: list[tuple[str, str]] = []
+    for name, record in sorted(registry.records.items()):
+        if record.status != "ok" or record.cls is None:
+            skipped.append((name, record.error or record.status))
+            continue
+        cls = record.cls
+        options = cls.Options.model_json_schema()
+        own_defs = options.pop("$defs", {})
+        renamed = {key: f"{name}.{key}" for key in own_defs}
+        for key, definition in own_defs.items():
+            defs[renamed[key]] = _rename_refs(definition, renamed)
+        options = _rename_refs(options, renamed)
+        options["title"] = name
+        doc = (cls.__doc__ or "").strip().split("\n\n")[0]
+        description = " ".join(doc.split())
+        if description:
+            options["description"] = description
+        options.setdefault("properties", {})[ENABLED_KEY] = {
+            "type": "boolean",
+            "default": True,
+            "description": "false switches the plugin off and keeps its options",
+        }
+        options["additionalProperties"] = False
+        options["type"] = "object"
+        options["x-kdkit-plugin"] = {"version": record.version, "distribution": record.distribution}
+        plugins_properties[name] = options
+    schema["properties"]["plugins"] = {
+        "type": "object",
+        "title": "Plugins",
+        "description": Recipe.model_fields["plugins"].description,
+        "properties": plugins_properties,
+        "additionalProperties": False,
+    }
+    if not defs:
+        schema.pop("$defs")
+    return schema, skipped
+
+
+def _rename_refs(node: Any, renamed: Mapping[str, str]) -> Any:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key == "$ref" and isinstance(value, str) and value.startswith("#/$defs/"):
+                target = value.removeprefix("#/$defs/")
+                out[key] = "#/$defs/" + renamed.get(target, target)
+            else:
+                out[key] = _rename_refs(value, renamed)
+        return out
+    if isinstance(node, list):
+        return [_rename_refs(item, renamed) for item in node]
+    return node

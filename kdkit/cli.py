@@ -1,0 +1,188 @@
+"""The ``kdkit`` command line.
+
+Results go to stdout (``--json`` for machines), progress and diagnostics to stderr. A user error (any
+:class:`kdkit.errors.KdkitError`: a bad recipe, an unknown plugin, unusable data) prints its message and exits
+with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from kdkit import __version__
+from kdkit.errors import KdkitError
+from kdkit.manager import BLOCK_ENV_VAR, discover_plugins
+from kdkit.recipe import Recipe, load_recipe, parse_override, recipe_json_schema
+
+app = typer.Typer(
+    name="kdkit",
+    help="Ensemble knowledge distillation with pluggable weighting strategies.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+
+# --------------------------------------------------------------------------- output
+def stderr_console() -> Console:
+    """Diagnostics and progress. Plain text when stderr is not a terminal (rich decides; NO_COLOR is honoured)."""
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def stdout_console() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def report_error(exc: KdkitError) -> None:
+    """Print a user error to stderr: its message only, never markup-interpreted, never a traceback."""
+    stderr_console().print(Text("error: ", style="bold red") + Text(str(exc)))
+
+
+def _warn(message: str) -> None:
+    stderr_console().print(Text("warning: ", style="yellow") + Text(message))
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    try:
+        yield
+    except KdkitError as exc:
+        report_error(exc)
+        raise typer.Exit(exc.exit_code) from None
+
+
+def _load(recipe: Path, overrides: Sequence[str]) -> Recipe:
+    values: dict[str, Any] = {}
+    for expression in overrides:
+        key, value = parse_override(expression)
+        values.pop(key, None)  # a later --set of the same key wins and is applied last
+        values[key] = value
+    return load_recipe(recipe, overrides=values)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kdkit {__version__}")
+        raise typer.Exit()
+
+
+RecipeArg = Annotated[Path, typer.Argument(metavar="RECIPE", help="recipe file (TOML)", show_default=False)]
+SetOption = Annotated[
+    list[str],
+    typer.Option(
+        "--set",
+        "-s",
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set plugins.unikd-disagreement.lambda=15 (VALUE is read as TOML, "
+        "else as a string); repeatable",
+        show_default=False,
+    ),
+]
+
+
+# --------------------------------------------------------------------------- commands
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="show the version and exit")
+    ] = False,
+) -> None:
+    """Ensemble knowledge distillation with pluggable teacher-ensembling, loss- and sample-weighting plugins."""
+
+
+@app.command()
+def validate(recipe: RecipeArg, set_: SetOption = []) -> None:  # noqa: B006 (typer reads the default)
+    """Check a recipe as a whole (keys, types, plugins and their options) without touching data or models."""
+    with _user_errors():
+        loaded = _load(recipe, set_)
+    enabled = list(loaded.enabled_plugins())
+    count = f"{len(enabled)} plugin{'s' if len(enabled) != 1 else ''} enabled"
+    detail = f": {', '.join(enabled)}" if enabled else ""
+    stdout_console().print(Text(f"ok: {loaded.name} ({count}{detail})"))
+
+
+@app.command()
+def run(
+    recipe: RecipeArg,
+    set_: SetOption = [],  # noqa: B006
+    as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON on stdout")] = False,
+) -> None:
+    """Run a recipe: data, teachers, teacher logits, student, evaluation; writes results.json."""
+    with _user_errors():
+        loaded = _load(recipe, set_)
+        from kdkit.pipeline import run_recipe  # heavy (torch, transformers, datasets): only when running
+
+        results = run_recipe(loaded, recipe_path=recipe, console=stderr_console())
+    if as_json:
+        typer.echo(json.dumps(results, indent=2, default=str))
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of recipes, including the options of every installed plugin."""
+    registry = discover_plugins()
+    document, skipped = recipe_json_schema(registry)
+    for name, reason in skipped:
+        record = registry.records[name]
+        if record.status == "blocked":
+            _warn(f"plugin '{name}' is blocked (${BLOCK_ENV_VAR}); its options are left out of the schema")
+        else:
+            _warn(f"plugin '{name}' failed to load and is left out of the schema: {reason}")
+    typer.echo(json.dumps(document, indent=2))
+
+
+@app.command()
+def plugins(
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON list instead of a table")] = False,
+) -> None:
+    """List the installed plugins: name, version, hooks, distribution and load status (ok, failed, blocked)."""
+    registry = discover_plugins()
+    records = sorted(registry.records.values(), key=lambda r: r.name)
+    if as_json:
+        typer.echo(json.dumps([r.as_dict() for r in records], indent=2))
+        return
+    table = Table(title=None, show_lines=False)
+    for column in ("name", "version", "hooks", "distribution", "status", "error"):
+        table.add_column(column, overflow="fold", no_wrap=column not in ("hooks", "error"))
+    colours = {"ok": "green", "failed": "red", "blocked": "yellow"}
+    for r in records:
+        hooks = ", ".join(h.removeprefix("kdkit_") for h in r.hooks)
+        table.add_row(
+            Text(r.name),
+            Text(r.version),
+            Text(hooks),
+            Text(r.distribution),
+            Text(r.status, style=colours.get(r.status, "")),
+            Text(r.error),
+        )
+    console = stdout_console()
+    if not console.is_terminal:
+        console.width = 10_000  # a pipe or a file gets whole lines; the table only takes the width it needs
+    console.print(table)
+    failed = [r.name for r in records if r.status == "failed"]
+    if failed:
+        _warn(f"{len(failed)} plugin{'s' if len(failed) != 1 else ''} failed to load: {', '.join(failed)}")
+
+
+# --------------------------------------------------------------------------- entry point
+def main(argv: Sequence[str] | None = None) -> None:
+    """The ``kdkit`` console script."""
+    try:
+        app(args=list(argv) if argv is not None else None, prog_name="kdkit")
+    except KdkitError as exc:  # raised outside a command body (e.g. while Typer parses): same treatment
+        report_error(exc)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
