@@ -58,8 +58,8 @@ class Splits:
     text_columns: list[str]
     label_names: list[str]
     fingerprint: str
-    """sha256 hex over the content of all four parts and the split settings; equal data and settings give an
-    equal fingerprint in any process"""
+    """sha256 hex over every row of the train and eval splits, the split settings and the rows of each part;
+    equal data and settings give an equal fingerprint in any process, whatever the file names or formats"""
 
 
 def label_names_consistent(expected: list[str], got: list[str], where: str) -> None:
@@ -136,6 +136,8 @@ def _load_file(path: Path, split: str) -> datasets.Dataset:
     try:
         loaded = datasets.load_dataset(FORMATS[suffix], data_files={"train": str(path)}, split="train")
     except Exception as exc:  # a parser error of the file's format: the user's data, not kdkit's code
+        if isinstance(exc, ValueError) and "corresponds to no data" in str(exc):  # a header and no row
+            raise DataError(f"{where}: the split is empty (0 rows)") from None
         raise DataError(f"{where}: could not be read as {FORMATS[suffix]}: {type(exc).__name__}: {exc}") from exc
     return loaded
 
@@ -360,16 +362,28 @@ def _hash_column(digest: Any, column: pa.ChunkedArray) -> None:
     if pa.types.is_integer(column.type):
         digest.update(column.to_numpy().astype("<i8").tobytes())
         return
+    pieces = []
     for chunk in column.chunks:
+        if len(chunk) == 0:
+            continue
         chunk = chunk.cast(pa.large_string())
         _, offsets, data = chunk.buffers()
         ends = np.frombuffer(offsets, dtype="<i8")[chunk.offset : chunk.offset + len(chunk) + 1]
-        digest.update(np.diff(ends).astype("<i8").tobytes())  # lengths keep "ab","c" apart from "a","bc"
-        if len(chunk):
+        pieces.append((ends, data))
+    # all lengths first, then all bytes: the lengths keep ("ab", "c") apart from ("a", "bc")
+    for ends, _ in pieces:
+        digest.update(np.diff(ends).astype("<i8").tobytes())
+    for ends, data in pieces:
+        if data is not None:
             digest.update(memoryview(data)[ends[0] : ends[-1]])
 
 
-def _fingerprint(cfg: DataConfig, label_names: list[str], parts: dict[str, pa.Table | None]) -> str:
+def _fingerprint(
+    cfg: DataConfig, label_names: list[str], train: pa.Table, evaluation: pa.Table, parts: dict[str, np.ndarray | None]
+) -> str:
+    """sha256 over the split settings, every row of the train and eval splits (text and label id) and the rows
+    each part holds. Rows outside every part (``max_*_samples``) and the true labels of unlabeled rows count too:
+    any change to the data read gives a new fingerprint, while file names and formats do not matter."""
     digest = hashlib.sha256()
     settings = {
         "version": _FINGERPRINT_VERSION,
@@ -386,13 +400,15 @@ def _fingerprint(cfg: DataConfig, label_names: list[str], parts: dict[str, pa.Ta
         "max_length": cfg.max_length,
     }
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    for name, table in parts.items():
-        digest.update(f"\x00part:{name}:{-1 if table is None else table.num_rows}".encode())
-        if table is None:
-            continue
-        for column in table.column_names:
+    for name, table in (("train", train), ("eval", evaluation)):
+        digest.update(f"\x00split:{name}:{table.num_rows}".encode())
+        for column in [*cfg.text, "label"]:
             digest.update(f"\x00column:{column}".encode())
             _hash_column(digest, table.column(column))
+    for name, rows in parts.items():
+        digest.update(f"\x00part:{name}:{-1 if rows is None else len(rows)}".encode())
+        if rows is not None:
+            digest.update(rows.astype("<i8").tobytes())
     return digest.hexdigest()
 
 
@@ -449,8 +465,13 @@ def load_splits(cfg: DataConfig, need_unlabeled: bool = True, *, base_dir: str |
     )
     tune = train_table.take(tune_idx) if tune_idx is not None else None
     evaluation = eval_table.take(eval_idx)
-    parts = {"labeled": labeled, "unlabeled": unlabeled, "tune": tune, "eval": evaluation}
-    fingerprint = _fingerprint(cfg, names, parts)
+    fingerprint = _fingerprint(
+        cfg,
+        names,
+        train_table,
+        eval_table,
+        {"labeled": labeled_idx, "unlabeled": unlabeled_idx, "tune": tune_idx, "eval": eval_idx},
+    )
     return Splits(
         labeled=datasets.Dataset(labeled),
         unlabeled=datasets.Dataset(unlabeled),

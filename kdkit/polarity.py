@@ -72,9 +72,9 @@ They are a sample of the sentence polarity dataset v1.0 of Bo Pang and Lillian L
 relationships for sentiment categorization with respect to rating scales", ACL 2005), the
 sentences that the Stanford Sentiment Treebank (SST) was later built from.
 
-Licence: the archive's test/corpora/README.txt states that its corpora "are meant for personal
-use, they are not part of the module's BSD license". Use this data for personal experiments
-only and do not redistribute it; kdkit never commits it.
+Licence: personal use only. The archive's test/corpora/README.txt states that its corpora
+"are meant for personal use, they are not part of the module's BSD license". Use this data
+for personal experiments and do not redistribute it; kdkit never commits it.
 
 Files: train.jsonl ({n_train} rows) and dev.jsonl ({n_dev} rows), one JSON object a line with
 "sentence" and "label" ("negative" or "positive"). The split is stratified by label:
@@ -279,7 +279,12 @@ def convert(archive: Path, out: Path, expected_rows: int | None = EXPECTED_ROWS)
     return counts
 
 
-def prepare(out: str | Path, archive: str | Path | None = None, force: bool = False) -> Result:
+def prepare(
+    out: str | Path,
+    archive: str | Path | None = None,
+    force: bool = False,
+    expected_rows: int | None = EXPECTED_ROWS,
+) -> Result:
     """Build the dataset in ``out`` unless it is already complete. Downloads the archive when none is given."""
     start = time.perf_counter()
     out = Path(out)
@@ -288,10 +293,10 @@ def prepare(out: str | Path, archive: str | Path | None = None, force: bool = Fa
         if manifest is not None:
             return Result(out, True, manifest["counts"], time.perf_counter() - start)
     if archive is not None:
-        counts = convert(Path(archive), out)
+        counts = convert(Path(archive), out, expected_rows=expected_rows)
     else:
         with tempfile.TemporaryDirectory(prefix="kdkit-polarity-") as tmp:
-            counts = convert(download_archive(Path(tmp)), out)
+            counts = convert(download_archive(Path(tmp)), out, expected_rows=expected_rows)
     return Result(out, False, counts, time.perf_counter() - start)
 
 
