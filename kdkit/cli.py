@@ -122,7 +122,8 @@ def run(
         loaded = _load(recipe, set_)
         from kdkit.pipeline import run_recipe  # heavy (torch, transformers, datasets): only when running
 
-        results = run_recipe(loaded, recipe_path=recipe, console=stderr_console())
+        # the pipeline prints its results table on stdout; with --json, stdout holds the JSON document only
+        results = run_recipe(loaded, recipe_path=recipe, console=stderr_console(), print_table=not as_json)
     if as_json:
         typer.echo(json.dumps(results, indent=2, default=str))
 

@@ -222,8 +222,8 @@ def fake_pipeline(monkeypatch):
     """Stands in for kdkit.pipeline (its own tests run it for real): records what the CLI hands over."""
     calls = []
 
-    def run_recipe(recipe, *, recipe_path, console):
-        calls.append({"recipe": recipe, "recipe_path": recipe_path, "console": console})
+    def run_recipe(recipe, *, recipe_path, console, print_table):
+        calls.append({"recipe": recipe, "recipe_path": recipe_path, "console": console, "print_table": print_table})
         console.print("training ...")
         if recipe.name == "broken-data":
             raise DataError("data.files.train: column 'sentence' not found; columns: text, label")
@@ -235,6 +235,14 @@ def fake_pipeline(monkeypatch):
     return calls
 
 
+def test_the_fake_pipeline_has_the_real_signature():
+    import inspect
+
+    from kdkit.pipeline import run_recipe
+
+    inspect.signature(run_recipe).bind(object(), recipe_path=Path("r.toml"), console=object(), print_table=False)
+
+
 def test_run_hands_the_validated_recipe_to_the_pipeline(tmp_path, fake_pipeline):
     path = write(tmp_path, BASE + "[plugins.unikd-disagreement]\n")
     result = invoke("run", str(path), "--set", "plugins.unikd-disagreement.lambda=15", "--json")
@@ -243,13 +251,15 @@ def test_run_hands_the_validated_recipe_to_the_pipeline(tmp_path, fake_pipeline)
     assert call["recipe_path"] == path
     assert call["recipe"].plugins["unikd-disagreement"] == {"lambda": 15}
     assert call["console"].stderr is True
+    assert call["print_table"] is False  # stdout carries the JSON document alone
     assert json.loads(result.stdout) == {"name": "demo", "student": {"accuracy": 0.5}, "path": "runs/demo"}
     assert "training ..." in result.stderr
 
 
-def test_run_without_json_prints_no_results_dict_on_stdout(tmp_path, fake_pipeline):
+def test_run_without_json_leaves_stdout_to_the_pipeline_table(tmp_path, fake_pipeline):
     result = invoke("run", str(write(tmp_path, BASE)))
     assert result.exit_code == 0 and result.stdout == ""
+    assert fake_pipeline[0]["print_table"] is True  # the pipeline's own results table goes to stdout
 
 
 def test_run_reports_a_pipeline_user_error_without_traceback(tmp_path, fake_pipeline):
