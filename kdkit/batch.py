@@ -18,10 +18,15 @@ LOG_FLOOR = -1.0e4
 
 
 def safe_log_softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """``log_softmax`` in float32 (or float64 if given), floored at :data:`LOG_FLOOR` (never ``-inf``)."""
+    """``log_softmax`` in float32 (or float64 if given), floored at :data:`LOG_FLOOR` (never ``-inf``).
+
+    Infinite inputs (huge finite logits divided by a temperature below 1 overflow) are clamped to the largest
+    finite value first: ``inf - inf`` inside ``log_softmax`` would otherwise turn the whole row into NaN.
+    """
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
-    return F.log_softmax(logits, dim=dim).clamp_min(LOG_FLOOR)
+    big = torch.finfo(logits.dtype).max
+    return F.log_softmax(logits.clamp(-big, big), dim=dim).clamp_min(LOG_FLOOR)
 
 
 class KDBatch:

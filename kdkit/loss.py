@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from kdkit.batch import STREAMS, KDBatch, Stream, safe_log_softmax
+from kdkit.batch import IGNORE_INDEX, STREAMS, KDBatch, Stream, safe_log_softmax
 from kdkit.errors import KdkitError, PluginError
 from kdkit.manager import KdkitPluginManager, Plugin, PluginRegistry, build_manager, check_ensembling_conflicts
 
@@ -150,7 +150,8 @@ class DistillationLoss:
 
         labeled = batch.labeled_mask
         student_log_p = safe_log_softmax(student_logits / t)
-        target = torch.einsum("bn,bnc->bc", teacher_w, batch.teacher_probs)
+        teacher_probs = batch.teacher_probs
+        target = torch.einsum("bn,bnc->bc", teacher_w.to(teacher_probs.dtype), teacher_probs)
         kd = -(target * student_log_p).sum(dim=-1) * (t * t)
         if len(self.on) < len(STREAMS):
             gets_kd = labeled if self.on == ("labeled",) else ~labeled
@@ -206,3 +207,10 @@ def _check_shapes(student_logits: torch.Tensor, teacher_logits: torch.Tensor, la
         raise ValueError(f"labels must be [B] = [{b}], got shape {tuple(labels.shape)}")
     if labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"labels must be integer class ids (-100 = unlabeled), got dtype {labels.dtype}")
+    # -1 would otherwise count as labeled class 0, and an id >= C fail deep inside gather (a device assert on GPU)
+    invalid = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= c))
+    if bool(invalid.any()):
+        i = int(invalid.nonzero()[0, 0])
+        raise ValueError(
+            f"labels must be class ids in [0, {c}) or {IGNORE_INDEX} (unlabeled); sample {i} has label {int(labels[i])}"
+        )
