@@ -45,7 +45,8 @@ _SUBSAMPLE_TRAIN, _SPLIT, _TUNE, _SUBSAMPLE_EVAL = range(4)
 
 @dataclass
 class Splits:
-    """The four parts a run works with. Every part has the columns ``text_columns + ["label", "row"]``."""
+    """The four parts a run works with. Every part has the columns ``text_columns + ["label", "row"]`` and keeps
+    the rows in the order of the source split."""
 
     labeled: datasets.Dataset
     """training rows that keep their labels (``label``: int64 ids into ``label_names``)"""
@@ -460,9 +461,8 @@ def load_splits(cfg: DataConfig, need_unlabeled: bool = True, *, base_dir: str |
 
     labeled = train_table.take(labeled_idx)
     unlabeled = train_table.take(unlabeled_idx)
-    unlabeled = unlabeled.set_column(
-        unlabeled.schema.get_field_index("label"), "label", pa.array(np.full(len(unlabeled_idx), IGNORE_INDEX, np.int64))
-    )
+    hidden = pa.array(np.full(len(unlabeled_idx), IGNORE_INDEX, dtype=np.int64))
+    unlabeled = unlabeled.set_column(unlabeled.schema.get_field_index("label"), "label", hidden)
     tune = train_table.take(tune_idx) if tune_idx is not None else None
     evaluation = eval_table.take(eval_idx)
     fingerprint = _fingerprint(

@@ -77,6 +77,8 @@ def test_split_sizes_columns_and_disjointness(files):
     labeled, unlabeled, tune = set(rows_of(splits.labeled)), set(rows_of(splits.unlabeled)), set(rows_of(splits.tune))
     assert not labeled & unlabeled and not labeled & tune and not unlabeled & tune
     assert labeled | unlabeled | tune == set(range(100))
+    for part in (splits.labeled, splits.unlabeled, splits.tune):
+        assert rows_of(part) == sorted(rows_of(part))  # drawn at random, kept in source order
     assert rows_of(splits.eval) == list(range(20))
     for part in (splits.labeled, splits.unlabeled, splits.tune, splits.eval):
         assert part.column_names == ["sentence", "label", "row"]
@@ -185,7 +187,9 @@ def test_integer_labels_without_names(tmp_path):
 
 
 def test_classlabel_names_from_the_data_and_a_conflicting_recipe(tmp_path):
-    features = datasets.Features({"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["bad", "good"])})
+    features = datasets.Features(
+        {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["bad", "good"])}
+    )
     data = {"sentence": [f"s {i}" for i in range(10)], "label": [i % 2 for i in range(10)]}
     datasets.Dataset.from_dict(data, features=features).to_parquet(str(tmp_path / "t.parquet"))
     datasets.Dataset.from_dict(data, features=features).to_parquet(str(tmp_path / "v.parquet"))
@@ -268,6 +272,17 @@ def test_fingerprint_changes_with_content_and_settings(files, change):
             }[change]
         )
     after = load_splits(config(files, **overrides))
+    assert after.fingerprint != before.fingerprint
+
+
+def test_fingerprint_follows_the_rows_drawn_not_only_the_settings(files, monkeypatch):
+    # Same settings, but a random generator that draws differently (as another numpy version might): the parts
+    # hold other rows, so the fingerprint must differ too.
+    before = load_splits(config(files))
+    real_rng = kdata._rng
+    monkeypatch.setattr(kdata, "_rng", lambda seed, purpose: real_rng(seed + 1000, purpose))
+    after = load_splits(config(files))
+    assert rows_of(after.labeled) != rows_of(before.labeled)
     assert after.fingerprint != before.fingerprint
 
 
@@ -489,7 +504,7 @@ def test_hub_errors_name_the_dataset(monkeypatch, tmp_path, files):
     monkeypatch.setattr(
         datasets, "load_dataset", lambda path, name=None, **kw: datasets.DatasetDict({"train": train, "dev": train})
     )
-    with pytest.raises(DataError, match=r"hub dataset 'someone/data' .*no split 'validation'; available splits: train, dev"):
+    with pytest.raises(DataError, match=r"'someone/data' .*no split 'validation'; available splits: train, dev"):
         load_splits(cfg)
 
 
