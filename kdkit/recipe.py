@@ -435,7 +435,8 @@ def validate_recipe(data: Mapping[str, Any], source: str = "<recipe>", registry:
     problems: list[tuple[str, str]] = []
     recipe: Recipe | None = None
     try:
-        recipe = Recipe.model_validate(dict(data))
+        # strict: TOML has real booleans and numbers, so "yes" for a boolean or "16" for an integer is a mistake
+        recipe = Recipe.model_validate(dict(data), strict=True)
     except ValidationError as exc:
         problems.extend(problems_from(exc, Recipe))
 
