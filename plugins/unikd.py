@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 import kdkit
 
@@ -52,11 +52,12 @@ class CorrectnessOptions(BaseModel):
         "(ablation).",
     )
 
-    @model_validator(mode="after")
-    def _does_something(self) -> CorrectnessOptions:
-        if not (self.ensembling or self.loss_weighting):
+    @field_validator("loss_weighting")
+    @classmethod
+    def _does_something(cls, loss_weighting: bool, info: ValidationInfo) -> bool:
+        if not loss_weighting and info.data.get("ensembling") is False:
             raise ValueError("ensembling and loss_weighting are both false: disable the plugin instead")
-        return self
+        return loss_weighting
 
 
 class CorrectnessPlugin(kdkit.Plugin):
@@ -106,7 +107,7 @@ class CorrectnessPlugin(kdkit.Plugin):
 
 
 def correctness_teacher_weights(losses: torch.Tensor, weighting: TeacherWeighting, eps: float) -> torch.Tensor:
-    """Teacher weights ``[B, N]`` (rows sum to 1) from teacher task losses ``[B, N]`` (see :class:`CorrectnessPlugin`)."""
+    """Teacher weights ``[B, N]`` (rows sum to 1) from task losses ``[B, N]`` (see :class:`CorrectnessPlugin`)."""
     if weighting == "inverse-loss":
         # 1/(L+eps) normalised is softmax(-log(L+eps)): no overflow when a loss is 0, no 0/0 when all are huge.
         return torch.softmax(-torch.log(losses + eps), dim=-1)

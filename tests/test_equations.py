@@ -62,7 +62,8 @@ L1, L2 = math.log(4 / 3), math.log(4.0)
 
 
 def test_inverse_loss_weights_by_hand():
-    # w1 = (1/(L1+eps)) / (1/(L1+eps) + 1/(L2+eps)) = (L2+eps) / (L1+L2+2 eps) ~ log 4 / log(16/3) ~ 1.386294 / 1.673976 ~ 0.828144
+    # w1 = (1/(L1+eps)) / (1/(L1+eps) + 1/(L2+eps)) = (L2+eps) / (L1+L2+2 eps)
+    #    ~ log 4 / log(16/3) ~ 1.386294 / 1.673976 ~ 0.828144
     w1 = (L2 + EPS) / (L1 + L2 + 2 * EPS)
     out = loss_of([correctness(teacher_weighting="inverse-loss", eps=EPS)], [[0.0, 0.0]], [TEACHERS_T1], [0])
     torch.testing.assert_close(out.teacher_weights, tensor([[w1, 1 - w1]]))
