@@ -13,7 +13,6 @@ mean and the sample standard deviation (``ddof = 1``; 0 for one seed) are report
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -101,6 +100,3 @@ def results_table(results: Mapping[str, Any]) -> Any:
             row(f"{label}, mean ± std", block["mean"], std=block["std"])
     return table
 
-
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -268,7 +268,8 @@ def optimizer_steps(num_samples: int, cfg: TrainConfig, world_size: int = 1) -> 
     if cfg.max_steps > 0:
         return cfg.max_steps
     batches = math.ceil(num_samples / (cfg.batch_size * world_size))
-    per_epoch = max(batches // cfg.gradient_accumulation_steps, 1)
+    # an epoch's last, shorter accumulation still makes an optimizer step
+    per_epoch = max(math.ceil(batches / cfg.gradient_accumulation_steps), 1)
     return math.ceil(cfg.epochs * per_epoch)
 
 

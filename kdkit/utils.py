@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -240,10 +239,6 @@ def default_device() -> Any:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def make_temp_dir(prefix: str = "kdkit-") -> Path:
-    return Path(tempfile.mkdtemp(prefix=prefix))
 
 
 # --------------------------------------------------------------------------- console output
