@@ -10,15 +10,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from kdkit import cli
 from kdkit.manager import BLOCK_ENV_VAR, discover_plugins
 from kdkit.recipe import load_recipe
 
@@ -129,7 +133,7 @@ def test_kdkit_plugins_lists_it_with_its_distribution(example_site):
     assert {"average", "unikd-correctness", "unikd-disagreement", "aekd"} <= set(records)
 
 
-def test_kdkit_validate_accepts_a_recipe_enabling_it_and_checks_its_options(example_site, tmp_path):
+def test_kdkit_validate_accepts_a_recipe_enabling_it(example_site, tmp_path):
     path = recipe_file(
         tmp_path,
         """
@@ -143,25 +147,48 @@ def test_kdkit_validate_accepts_a_recipe_enabling_it_and_checks_its_options(exam
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok: third-party (2 plugins enabled: unikd-disagreement, confidence-weighting)"
 
-    done = kdkit("validate", str(path), "--set", "plugins.confidence-weighting.powr=3", sites=[example_site])
-    assert done.returncode == 2
-    assert "plugins.confidence-weighting.powr: unknown key 'powr' (did you mean 'power'?)" in done.stderr
-    assert "Traceback" not in done.stderr + done.stdout
 
-    done = kdkit("validate", str(path), "--set", "plugins.confidence-weighting.power=-1", sites=[example_site])
-    assert done.returncode == 2
-    assert "plugins.confidence-weighting.power: must be greater than or equal to 0 (got -1)" in done.stderr
-
-    # not installed: the same recipe names an unknown plugin
-    done = kdkit("validate", str(path), sites=[])
-    assert done.returncode == 2
-    assert "plugins.confidence-weighting: unknown plugin 'confidence-weighting'" in done.stderr
+# The checks below run the CLI in this process (typer's CliRunner) with the installed folders on sys.path:
+# the same discovery as the subprocesses above, without paying for a Python start-up each time.
+runner = CliRunner()
 
 
-def test_kdkit_schema_carries_its_options(example_site):
-    done = kdkit("schema", sites=[example_site])
-    assert done.returncode == 0, done.stderr
-    options = json.loads(done.stdout)["properties"]["plugins"]["properties"]["confidence-weighting"]
+@pytest.fixture
+def on_path(monkeypatch):
+    """Put installed folders on sys.path for this test (and forget any copy of their modules imported before)."""
+    monkeypatch.delenv(BLOCK_ENV_VAR, raising=False)
+
+    def add(*sites: Path) -> None:
+        for site in sites:
+            monkeypatch.syspath_prepend(str(site))
+        for name in ("kdkit_example_plugin", "kdkit_broken_plugin"):
+            monkeypatch.delitem(sys.modules, name, raising=False)
+
+    return add
+
+
+def test_its_options_are_checked_by_kdkit_validate(example_site, on_path, tmp_path):
+    path = recipe_file(tmp_path, "[plugins.confidence-weighting]\npower = 2.0\n")
+    result = runner.invoke(cli.app, ["validate", str(path)])
+    assert result.exit_code == 2  # not on the path yet: unknown plugin
+    assert "plugins.confidence-weighting: unknown plugin 'confidence-weighting'" in result.stderr
+
+    on_path(example_site)
+    assert runner.invoke(cli.app, ["validate", str(path)]).exit_code == 0
+    result = runner.invoke(cli.app, ["validate", str(path), "--set", "plugins.confidence-weighting.powr=3"])
+    assert result.exit_code == 2
+    assert "plugins.confidence-weighting.powr: unknown key 'powr' (did you mean 'power'?)" in result.stderr
+    result = runner.invoke(cli.app, ["validate", str(path), "--set", "plugins.confidence-weighting.power=-1"])
+    assert result.exit_code == 2
+    assert "plugins.confidence-weighting.power: must be greater than or equal to 0 (got -1)" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_kdkit_schema_carries_its_options(example_site, on_path):
+    on_path(example_site)
+    result = runner.invoke(cli.app, ["schema"])
+    assert result.exit_code == 0, result.stderr
+    options = json.loads(result.stdout)["properties"]["plugins"]["properties"]["confidence-weighting"]
     assert set(options["properties"]) == {"power", "apply_to", "enabled"}
     assert options["properties"]["power"]["minimum"] == 0
     assert options["additionalProperties"] is False
@@ -227,22 +254,7 @@ def test_a_broken_plugin_is_reported_and_the_rest_still_works(example_site, brok
     for name in ("confidence-weighting", "average", "unikd-correctness", "unikd-disagreement", "aekd"):
         assert records[name]["status"] == "ok", records[name]
 
-    table = kdkit("plugins", sites=[example_site, broken_site])
-    assert table.returncode == 0
-    row = next(line for line in table.stdout.splitlines() if "broken-weighting" in line)
-    assert "failed" in row and "ModuleNotFoundError" in row
-    assert "broken-weighting" in table.stderr  # the warning under the table
-
     good = recipe_file(tmp_path, "[plugins.confidence-weighting]\n[plugins.unikd-disagreement]\n")
-    done = kdkit("validate", str(good), sites=[example_site, broken_site])
-    assert done.returncode == 0, done.stderr
-
-    schema = kdkit("schema", sites=[example_site, broken_site])
-    assert schema.returncode == 0
-    assert "confidence-weighting" in json.loads(schema.stdout)["properties"]["plugins"]["properties"]
-    assert "broken-weighting" not in json.loads(schema.stdout)["properties"]["plugins"]["properties"]
-    assert "warning: plugin 'broken-weighting' failed to load" in schema.stderr
-
     bad = tmp_path / "bad" / "recipe.toml"
     bad.parent.mkdir()
     bad.write_text(good.read_text() + "[plugins.broken-weighting]\n")
@@ -251,8 +263,66 @@ def test_a_broken_plugin_is_reported_and_the_rest_still_works(example_site, brok
     assert "plugins.broken-weighting: plugin 'broken-weighting' could not be loaded: ModuleNotFoundError" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
 
-    # blocking it (environment) hides the failure; a recipe that still enables it is told why it cannot
-    blocked = kdkit("plugins", "--json", sites=[example_site, broken_site], env={BLOCK_ENV_VAR: "broken-weighting"})
+
+def test_with_a_broken_plugin_installed_every_command_still_works(example_site, broken_site, on_path, tmp_path):
+    on_path(example_site, broken_site)
+    table = runner.invoke(cli.app, ["plugins"])
+    assert table.exit_code == 0
+    row = next(line for line in table.stdout.splitlines() if "broken-weighting" in line)
+    assert "failed" in row and "ModuleNotFoundError" in row
+    assert "warning: 1 plugin failed to load: broken-weighting" in table.stderr
+
+    good = recipe_file(tmp_path, "[plugins.confidence-weighting]\n[plugins.unikd-disagreement]\n")
+    result = runner.invoke(cli.app, ["validate", str(good)])
+    assert result.exit_code == 0, result.stderr
+
+    schema = runner.invoke(cli.app, ["schema"])
+    assert schema.exit_code == 0
+    plugins = json.loads(schema.stdout)["properties"]["plugins"]["properties"]
+    assert "confidence-weighting" in plugins and "broken-weighting" not in plugins
+    assert "warning: plugin 'broken-weighting' failed to load" in schema.stderr
+
+    # blocking it (environment) hides the failure; a recipe that still enables it is told why it cannot run
+    blocked = runner.invoke(cli.app, ["plugins", "--json"], env={BLOCK_ENV_VAR: "broken-weighting"})
     assert {r["name"]: r["status"] for r in json.loads(blocked.stdout)}["broken-weighting"] == "blocked"
-    done = kdkit("validate", str(bad), sites=[example_site, broken_site], env={BLOCK_ENV_VAR: "broken-weighting"})
-    assert done.returncode == 2 and "plugin 'broken-weighting' is blocked" in done.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text(good.read_text() + "[plugins.broken-weighting]\n")
+    result = runner.invoke(cli.app, ["validate", str(bad)], env={BLOCK_ENV_VAR: "broken-weighting"})
+    assert result.exit_code == 2 and "plugin 'broken-weighting' is blocked" in result.stderr
+
+
+# --------------------------------------------------------------------------- CONTRIBUTING.md walks through this plugin
+CONTRIBUTING = Path(__file__).resolve().parent.parent / "CONTRIBUTING.md"
+FILE_BLOCK = re.compile(r"\*\*`([^`]+)`\*\*\n\n```\w*\n(.*?)```\n", re.DOTALL)
+CODE_BLOCK = re.compile(r"```(\w+)\n(.*?)```\n", re.DOTALL)
+
+
+def test_contributing_shows_the_example_plugin_files_verbatim():
+    shown = dict(FILE_BLOCK.findall(CONTRIBUTING.read_text()))
+    assert set(shown) >= {
+        "pyproject.toml",
+        "kdkit_example_plugin/__init__.py",
+        "tests/test_confidence_weighting.py",
+    }
+    for relative, text in shown.items():
+        assert text == (EXAMPLE / relative).read_text(), f"CONTRIBUTING.md and tests/example_plugin/{relative} differ"
+
+
+def test_contributing_snippets_run(installed_example, tmp_path):
+    text = CONTRIBUTING.read_text()
+    blocks = CODE_BLOCK.findall(text)
+    python = [code for lang, code in blocks if lang == "python"]
+    toml = [code for lang, code in blocks if lang == "toml"]
+    assert len(python) >= 3 and len(toml) >= 2
+    for code in python:
+        compile(code, "CONTRIBUTING.md", "exec")
+    for code in toml:
+        tomllib.loads(code)
+    # the recipe snippet enables the installed plugin; the library snippet builds a loss with it
+    [snippet] = [code for code in toml if code.startswith("[plugins.confidence-weighting]")]
+    recipe = load_recipe(recipe_file(tmp_path, snippet))
+    assert recipe.enabled_plugins() == {"confidence-weighting": {"power": 2.0, "apply_to": "unlabeled"}}
+    [library] = [code for code in python if "DistillationLoss.from_plugins" in code]
+    namespace: dict = {}
+    exec(library, namespace)
+    assert sorted(p.name for p in namespace["loss_fn"].plugins) == ["confidence-weighting", "unikd-correctness"]

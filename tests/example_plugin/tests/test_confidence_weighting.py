@@ -1,3 +1,5 @@
+"""Tests of the confidence-weighting plugin, written with kdkit's plugin-author helpers (kdkit.testing)."""
+
 import math
 
 import pytest
@@ -9,7 +11,8 @@ from kdkit.testing import fake_batch, make_loss, plugin_registry, run_hook, stre
 from kdkit_example_plugin import ConfidenceWeighting
 
 
-def test_the_plugin_is_valid_and_registers():
+def test_the_plugin_is_valid():
+    # plugin_registry runs the checks `kdkit plugins` runs: name, Options model, hook names and signatures
     registry = plugin_registry(ConfidenceWeighting)
     assert registry.available() == ["confidence-weighting"]
     assert registry.records["confidence-weighting"].hooks == ("kdkit_sample_weights",)
@@ -25,7 +28,7 @@ def test_weight_worked_out_by_hand():
 
 
 def test_no_opinion_on_labeled_samples_by_default():
-    batch = fake_batch(size=6, teachers=3, labeled=4)
+    batch = fake_batch(size=6, teachers=3, labeled=4)  # samples 0-3 labeled, 4-5 unlabeled
     assert run_hook(ConfidenceWeighting(), "kdkit_sample_weights", stream_view(batch, "labeled")) is None
     everywhere = ConfidenceWeighting(ConfidenceWeighting.Options(apply_to="all"))
     assert run_hook(everywhere, "kdkit_sample_weights", stream_view(batch, "labeled")).shape == (4,)
@@ -36,10 +39,10 @@ def test_the_loss_of_each_unlabeled_sample_is_scaled_by_its_weight():
     student, teachers, labels = batch.student_logits, batch.teacher_logits, batch.labels
     plain = make_loss({})(student, teachers, labels)
     weighted = make_loss({ConfidenceWeighting: {"power": 1.0}})(student, teachers, labels)
-    # reference in float64, written out: softmax, mean over teachers, top class
+    # reference in float64, written out: softmax, mean over teachers, top class; 1 for labeled samples
     probs = torch.exp(teachers.double()) / torch.exp(teachers.double()).sum(-1, keepdim=True)
     expected = probs.mean(1).max(-1).values
-    expected[:3] = 1.0  # labeled samples: no opinion
+    expected[:3] = 1.0
     assert torch.allclose(weighted.per_sample.double(), expected * plain.per_sample.double(), rtol=1e-5)
 
 
@@ -47,4 +50,4 @@ def test_options_are_checked():
     with pytest.raises(ValidationError):
         ConfidenceWeighting.Options(power=-1)
     with pytest.raises(ValidationError):
-        ConfidenceWeighting.Options(aply_to="all")
+        ConfidenceWeighting.Options(aply_to="all")  # a misspelled option is an error, not ignored
