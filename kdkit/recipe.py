@@ -458,13 +458,44 @@ def validate_recipe(data: Mapping[str, Any], source: str = "<recipe>", registry:
     if problems:
         raise RecipeError(source, problems)
     assert recipe is not None
-    if recipe.plugins:
+    if recipe.enabled_plugins():
         assert registry is not None
         try:
-            registry.instantiate(recipe.enabled_plugins())
+            instances = registry.instantiate(recipe.enabled_plugins())
         except KdkitError as exc:
             raise RecipeError(source, [("plugins", str(exc))]) from None
+        problem = _dry_run(recipe, instances)
+        if problem:
+            raise RecipeError(source, [("plugins", problem)])
     return recipe
+
+
+def _dry_run(recipe: Recipe, instances: list[Any]) -> str:
+    """Call the enabled plugins once on a made-up batch with the recipe's number of teachers (one labeled and one
+    unlabeled sample), so that a plugin refusing this ensemble (one teacher for disagreement, ``C * N < 1`` for
+    AE-KD) is reported by ``kdkit validate`` rather than after the data is loaded."""
+    import torch
+
+    from kdkit.loss import DistillationLoss
+
+    teachers = recipe.teachers.count
+    classes = len(recipe.data.label_names) if recipe.data.label_names else 2
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(2, classes, generator=gen)
+    logits = torch.randn(2, teachers, classes, generator=gen)
+    labels = torch.tensor([0, -100])
+    try:
+        loss = DistillationLoss(instances, temperature=recipe.distill.temperature, on=recipe.distill.on)
+        loss(student, logits, labels)
+    except KdkitError as exc:
+        return f"with {teachers} teacher{'s' if teachers != 1 else ''}: {exc}"
+    except Exception as exc:  # a plugin bug: say which batch makes it fail instead of printing a traceback
+        names = ", ".join(p.name for p in instances)
+        return (
+            f"the enabled plugins ({names}) fail on a test batch of {teachers} teachers and {classes} classes: "
+            f"{type(exc).__name__}: {exc}"
+        )
+    return ""
 
 
 def _plugin_problems(tables: Mapping[str, Any], registry: PluginRegistry) -> list[tuple[str, str]]:

@@ -124,6 +124,7 @@ RECIPE_ERRORS = [
     ("teacher-weighting", BASE + "[plugins.unikd-correctness]\nteacher_weighting = 'inverse_loss'\n", ["plugins.unikd-correctness.teacher_weighting: must be one of 'inverse-loss', 'softmax-neg-loss', 'as-printed' (got 'inverse_loss') (did you mean 'inverse-loss'?)"]),
     ("enabled-not-bool", BASE + "[plugins.aekd]\nenabled = 'no'\n", ["plugins.aekd.enabled: must be true or false (got 'no')"]),
     ("ensembling-conflict", BASE + "[plugins.unikd-correctness]\n[plugins.aekd]\n", ["plugins: ensembling conflict: plugins 'unikd-correctness' and 'aekd' both set teacher weights for labeled samples"]),
+    ("one-teacher-disagreement", BASE.replace("seeds = [1, 2, 3]", "seeds = [1]") + "[plugins.unikd-disagreement]\n", ["plugins: with 1 teacher: unikd-disagreement needs at least 2 teachers"]),
     ("distill-on-empty", BASE + "[distill]\non = []\n", ["distill.on: `on` is empty"]),
     ("distill-on-unknown", BASE + "[distill]\non = ['unlabled']\n", ["distill.on: unknown stream 'unlabled' (did you mean 'unlabeled'?)"]),
 ]

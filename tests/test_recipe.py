@@ -258,6 +258,46 @@ def test_blocked_plugins_in_the_recipe_apply_to_a_given_registry():
     validate_recipe(base(blocked_plugins=["scale"], plugins={"scale": {"enabled": False}}), registry=REGISTRY)
 
 
+class NeedsPairs(kdkit.Plugin):
+    name = "needs-pairs"
+
+    @kdkit.hookimpl
+    def kdkit_sample_weights(self, batch):
+        if batch.num_teachers < 2:
+            raise kdkit.PluginError(f"needs-pairs needs 2 teachers, got {batch.num_teachers}")
+        return None
+
+
+class Buggy(kdkit.Plugin):
+    name = "buggy"
+
+    @kdkit.hookimpl
+    def kdkit_kd_weights(self, batch):
+        return torch.ones(batch.size) / 0 + [1]  # a TypeError, as a plugin bug would be
+
+
+def test_plugins_are_tried_on_a_batch_shaped_like_the_recipe():
+    registry = plugin_registry(NeedsPairs, Buggy)
+    two = base(teachers={"model": "m", "seeds": [1, 2]}, plugins={"needs-pairs": {}})
+    validate_recipe(two, registry=registry)
+    one = base(teachers={"model": "m", "seeds": [1]}, plugins={"needs-pairs": {}})
+    assert only(one, registry) == ("plugins", "with 1 teacher: needs-pairs needs 2 teachers, got 1")
+    given = base(teachers={"checkpoints": ["a"]}, plugins={"needs-pairs": {}})  # N counts checkpoints too
+    assert only(given, registry)[1].startswith("with 1 teacher:")
+    where, message = only(base(plugins={"buggy": {}}), registry)
+    assert where == "plugins"
+    assert message.startswith("the enabled plugins (buggy) fail on a test batch of 3 teachers and 2 classes: TypeError")
+    validate_recipe(base(plugins={"buggy": {"enabled": False}}), registry=registry)  # off: never called
+
+
+def test_builtins_refusing_the_ensemble_are_reported_by_validate():
+    one_teacher = base(teachers={"model": "m", "seeds": [1]}, plugins={"unikd-disagreement": {}})
+    assert "unikd-disagreement needs at least 2 teachers" in only(one_teacher, discover_plugins())[1]
+    small_cap = base(plugins={"aekd": {"C": 0.2}})  # three teachers: weights of at most 0.2 cannot sum to 1
+    assert "infeasible" in only(small_cap, discover_plugins())[1]
+    validate_recipe(base(plugins={"aekd": {"C": 0.34}}), registry=discover_plugins())
+
+
 def test_builtin_plugin_options_are_validated_by_their_own_models():
     registry = discover_plugins()
     found = problems(
