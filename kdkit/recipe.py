@@ -147,9 +147,14 @@ class DistillConfig(_Strict):
 
 
 class Recipe(_Strict):
+    """A whole recipe file. Validate one with :func:`validate_recipe` / :func:`load_recipe`, which also check the
+    plugin tables with each plugin's own options model; every key is described in docs/RECIPES.md."""
+
     name: str = Field(description="run name; outputs go to <output_dir>/<name>")
     seeds: list[int] = Field(default_factory=lambda: [1], min_length=1, description="one student run per seed")
-    output_dir: str = Field("runs", description="relative to the recipe file's directory's working dir")
+    output_dir: str = Field(
+        "runs", description="where run folders go; a relative path is taken from the current working directory"
+    )
     cache_dir: str = Field(".kdkit-cache", description="teacher checkpoints and logit caches, shared by runs")
     blocked_plugins: list[str] = Field(default_factory=list, description="plugin names never to load")
     data: DataConfig
@@ -340,38 +345,36 @@ def _message(err: Mapping[str, Any], place: _Place, owner: type[BaseModel] | Non
 def problems_from(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> list[tuple[str, str]]:
     """``(dotted path, message)`` for each error of ``exc`` raised validating ``model``; ``prefix`` is the
     dotted path of the table that ``model`` validated (e.g. ``"plugins.aekd."``)."""
-    raw = []
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        place = _Place(model, loc)
-        owner = None
-        if err["type"] == "extra_forbidden":
-            holder = _Place(model, loc[:-1]).annotation
-            owner = holder if _is_model(holder) else None
-        raw.append((place, _message(err, place, owner)))
-    # A value checked against a union (``str | PackageModel``) fails once per member. When one member got
-    # far enough to report something inside it, the value was meant as that member: keep only those errors.
-    # Otherwise say once what the value may be.
-    deep = {".".join(p.parts[: p.union_at]) for p, _ in raw if p.union_at is not None and not p.union_branch_only}
-    problems: list[tuple[str, str]] = []
-    merged: dict[str, list[str]] = {}
-    for place, message in raw:
+    errors = [(_Place(model, tuple(err["loc"])), err) for err in exc.errors()]
+    # A value checked against a union (``str | PackageModel``) fails once per member. When one member got far
+    # enough to report something inside it, the value was meant as that member: keep only those errors.
+    # Otherwise say once, at the first such error's place, every type the value may have.
+    deep = {".".join(p.parts[: p.union_at]) for p, _ in errors if p.union_at is not None and not p.union_branch_only}
+    alternatives: dict[str, list[Any]] = {}
+    kept = []
+    for place, err in errors:
         if place.union_branch_only:
             if place.path in deep:
                 continue
-            merged.setdefault(place.path, []).append(message)
-            if len(merged[place.path]) > 1:
+            seen = place.path in alternatives
+            alternatives.setdefault(place.path, []).append(place.annotation)
+            if seen:
                 continue
-        problems.append((place.path, message))
-    result = []
-    for path, message in problems:
-        alternatives = merged.get(path)
-        if alternatives and len(alternatives) > 1:
-            kinds = [m.removeprefix("must be ").split(" (got ")[0] for m in alternatives]
-            got = alternatives[0].split(" (got ", 1)[1] if " (got " in alternatives[0] else ""
-            message = "must be " + " or ".join(dict.fromkeys(kinds)) + (f" (got {got}" if got else "")
-        result.append((prefix + path, message))
-    return result
+        kept.append((place, err))
+    problems = []
+    for place, err in kept:
+        members = alternatives.get(place.path) if place.union_branch_only else None
+        if members and len(members) > 1:
+            kinds = dict.fromkeys(_describe(m) for m in members)
+            message = f"must be {' or '.join(kinds)}{_got(err.get('input'))}"
+        else:
+            owner = None
+            if err["type"] == "extra_forbidden":
+                holder = _Place(model, tuple(err["loc"])[:-1]).annotation
+                owner = holder if _is_model(holder) else None
+            message = _message(err, place, owner)
+        problems.append((prefix + place.path, message))
+    return problems
 
 
 # --------------------------------------------------------------------------- loading and validation
