@@ -21,7 +21,7 @@ from rich.text import Text
 
 from kdkit import __version__
 from kdkit.errors import KdkitError
-from kdkit.manager import BLOCK_ENV_VAR, discover_plugins
+from kdkit.manager import discover_plugins
 from kdkit.recipe import Recipe, load_recipe, parse_override, recipe_json_schema
 
 app = typer.Typer(
@@ -136,7 +136,7 @@ def schema() -> None:
     for name, reason in skipped:
         record = registry.records[name]
         if record.status == "blocked":
-            _warn(f"plugin '{name}' is blocked (${BLOCK_ENV_VAR}); its options are left out of the schema")
+            _warn(f"plugin '{name}' is {reason}; its options are left out of the schema")
         else:
             _warn(f"plugin '{name}' failed to load and is left out of the schema: {reason}")
     typer.echo(json.dumps(document, indent=2))

@@ -196,6 +196,7 @@ class PluginRegistry:
                     hooks=record.hooks,
                     distribution=record.distribution,
                     entry_point=record.entry_point,
+                    error="blocked (blocked_plugins)",
                 )
             records.append(record)
         return PluginRegistry(records)
@@ -208,7 +209,8 @@ class PluginRegistry:
             available = ", ".join(self.available()) or "none"
             raise PluginError(f"unknown plugin '{name}'{hint}; installed plugins: {available}")
         if record.status == "blocked":
-            raise PluginError(f"plugin '{name}' is blocked (recipe `blocked_plugins` or ${BLOCK_ENV_VAR})")
+            how = f"${BLOCK_ENV_VAR}" if record.error.endswith(BLOCK_ENV_VAR) else "the recipe's `blocked_plugins`"
+            raise PluginError(f"plugin '{name}' is blocked by {how}; unblock it or switch it off (enabled = false)")
         if record.status != "ok" or record.cls is None:
             raise PluginError(f"plugin '{name}' could not be loaded: {record.error}")
         return record.cls
@@ -289,7 +291,11 @@ def discover_plugins(
     :param extra: plugin classes to register directly (tests, notebooks), as if installed.
     :param load_entrypoints: ``False`` gives a registry with only ``extra`` (the test helpers use it).
     """
-    blocked_names = set(blocked) | blocked_from_env()
+    from_env = blocked_from_env()
+    blocked_names = set(blocked) | from_env
+
+    def why_blocked(name: str) -> str:
+        return f"blocked by ${BLOCK_ENV_VAR}" if name in from_env else "blocked (blocked_plugins)"
     records: dict[str, PluginRecord] = {}
     clashes: dict[str, list[str]] = {}
 
@@ -306,7 +312,7 @@ def discover_plugins(
         for ep in sorted(metadata.entry_points(group=group), key=lambda e: (e.name, _dist_name(e))):
             base = PluginRecord(name=ep.name, status="ok", distribution=_dist_name(ep), entry_point=ep.value)
             if ep.name in blocked_names:
-                base.status = "blocked"
+                base.status, base.error = "blocked", why_blocked(ep.name)
                 add(base)
                 continue
             try:
@@ -324,7 +330,15 @@ def discover_plugins(
         module = sys.modules.get(cls.__module__)
         where = f"{getattr(module, '__name__', cls.__module__)}:{cls.__qualname__}"
         if cls.name in blocked_names:
-            add(PluginRecord(name=cls.name, status="blocked", distribution="<registered in code>", entry_point=where))
+            add(
+                PluginRecord(
+                    name=cls.name,
+                    status="blocked",
+                    distribution="<registered in code>",
+                    entry_point=where,
+                    error=why_blocked(cls.name),
+                )
+            )
             continue
         add(
             PluginRecord(

@@ -303,7 +303,7 @@ def test_plugins_table_shows_a_broken_and_a_blocked_plugin(fake_distribution):
     assert result.exit_code == 0
     rows = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith("│")}
     assert "failed" in rows["cli-broken"] and "ImportError: needs libfoo" in rows["cli-broken"]
-    assert "blocked" in rows["cli-scale"] and "mixed-dist" in rows["cli-scale"]
+    assert "blocked by $KDKIT_BLOCK_PLUGINS" in rows["cli-scale"] and "mixed-dist" in rows["cli-scale"]
     assert "ok" in rows["average"] and "teacher_weights" in rows["average"]
     assert "warning: 1 plugin failed to load: cli-broken" in result.stderr
 

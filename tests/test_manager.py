@@ -129,12 +129,15 @@ def test_a_blocked_plugin_module_is_never_imported(fake_distribution, tmp_path, 
     fake_distribution("blocked-dist", {"trap": "kdkit_t_trap:Trap"}, {"kdkit_t_trap": source})
     if how == "argument":
         registry = discover_plugins(blocked=["trap"])
-        assert registry.records["trap"].status == "blocked"
-        with pytest.raises(PluginError, match="blocked"):
+        assert (registry.records["trap"].status, registry.records["trap"].error) == ("blocked", "blocked (blocked_plugins)")
+        with pytest.raises(PluginError, match="plugin 'trap' is blocked by the recipe's `blocked_plugins`"):
             registry.get("trap")
     elif how == "env":
         monkeypatch.setenv(BLOCK_ENV_VAR, " other , trap ")
-        assert discover_plugins().records["trap"].status == "blocked"
+        registry = discover_plugins()
+        assert (registry.records["trap"].status, registry.records["trap"].error) == ("blocked", "blocked by $KDKIT_BLOCK_PLUGINS")
+        with pytest.raises(PluginError, match=r"plugin 'trap' is blocked by \$KDKIT_BLOCK_PLUGINS"):
+            registry.get("trap")
     else:
         # the recipe blocks it and keeps its (switched off) table: validation must not import it
         recipe = {
