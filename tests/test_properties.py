@@ -140,7 +140,10 @@ def test_weight_falls_as_the_teachers_loss_grows(losses, data, weighting):
     after = before.clone()
     after[0, i] += delta
     w0, w1 = (correctness_teacher_weights(x, weighting, 1e-6)[0] for x in (before, after))
-    assert w1[i] < w0[i]
+    assert w1[i] <= w0[i]
+    # strictly smaller wherever float64 can tell: softmax(-[0, 38]) is exactly 1.0 in float64 (e^-38 < eps/2)
+    if 1e-12 < w0[i] < 1 - 1e-12:
+        assert w1[i] < w0[i]
     others = [j for j in range(len(losses)) if j != i]
     assert (w1[others] >= w0[others]).all()
 
