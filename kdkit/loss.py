@@ -122,6 +122,11 @@ class DistillationLoss:
     def _stream_weights(
         self, view: KDBatch, stream: Stream, n: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if stream == "unlabeled" and "unlabeled" not in self.on:
+            # These samples have neither a kd term nor a task loss: their loss is 0 whatever the weights, so the
+            # plugins are not asked (and the neutral weights are reported).
+            ones = torch.ones(view.size, device=view.device, dtype=torch.float32)
+            return view.uniform_weights, ones, ones
         with torch.no_grad():
             tw = self._teacher_weights(batch=view)
             tw = view.uniform_weights if tw is None else _checked(tw, (view.size, n), "kdkit_teacher_weights", stream)

@@ -298,7 +298,9 @@ def reference_loss(student, teacher, y, *, temperature=1.0, on=("labeled", "unla
             w = [r / sum(raw) for r in raw]
         k = 1.0 / (1.0 + sum(losses) / n) if (labeled and kd_weighting) else 1.0
         s = 1.0
-        if lam is not None and (not labeled or apply_to == "all"):
+        # an unlabeled sample outside `on` has no loss at all; kdkit reports neutral weights for it
+        asked = labeled or "unlabeled" in on
+        if lam is not None and asked and (not labeled or apply_to == "all"):
             total = 0.0
             for i in range(n):
                 for j in range(n):

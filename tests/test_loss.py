@@ -201,3 +201,22 @@ def test_plugin_errors_propagate_unchanged():
     student, teacher, y = fake_logits(size=4, teachers=1, classes=2, labeled=2, seed=9)
     with pytest.raises(kdkit.PluginError, match="unikd-disagreement needs at least 2 teachers"):
         make_loss({DisagreementPlugin: {}})(student, teacher, y)
+
+
+def test_unlabeled_samples_outside_on_do_not_reach_the_plugins():
+    # With on = ["labeled"], an unlabeled sample has kd = 0 and task = 0: its loss is 0 whatever the weights, so
+    # kdkit does not ask the plugins about it (a plugin that fails on the unlabeled stream is never called there).
+    class Fails(kdkit.Plugin):
+        name, version = "fails-on-unlabeled", "1"
+
+        @kdkit.hookimpl
+        def kdkit_sample_weights(self, batch):
+            if batch.stream == "unlabeled":
+                raise AssertionError("called on the unlabeled stream")
+            return torch.full((batch.size,), 2.0)
+
+    student, teacher, labels = fake_logits(size=6, teachers=2, classes=3, labeled=3, seed=4)
+    out = make_loss({Fails: {}}, on=["labeled"])(student, teacher, labels)
+    assert out.sample_weights.tolist() == [2.0, 2.0, 2.0, 1.0, 1.0, 1.0]
+    assert out.per_sample[3:].abs().max().item() == 0.0
+    assert out.teacher_weights[3:].eq(0.5).all()
