@@ -36,14 +36,14 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_plugins_accept(loss_fn: Any, num_teachers: int, num_classes: int) -> None:
-    """Run the loss once on a dummy batch (one labeled, one unlabeled sample) with the recipe's number of
-    teachers and classes, so that a plugin refusing it (e.g. disagreement with one teacher) fails before any
-    teacher is trained."""
+def check_plugins_accept(loss_fn: Any, num_teachers: int, num_classes: int, *, unlabeled: bool) -> None:
+    """Run the loss once on a dummy batch (a labeled sample, and an unlabeled one if the training set will hold
+    some) with the recipe's number of teachers and classes, so that a plugin refusing it (e.g. disagreement with
+    one teacher) fails before any teacher is trained."""
     gen = torch.Generator().manual_seed(0)
-    student = torch.randn(2, num_classes, generator=gen)
-    teachers = torch.randn(2, num_teachers, num_classes, generator=gen)
-    labels = torch.tensor([0, IGNORE_INDEX])
+    labels = torch.tensor([0, IGNORE_INDEX] if unlabeled else [0])
+    student = torch.randn(len(labels), num_classes, generator=gen)
+    teachers = torch.randn(len(labels), num_teachers, num_classes, generator=gen)
     loss_fn(student, teachers, labels)
 
 
@@ -110,7 +110,7 @@ def _run(
     loss_fn = DistillationLoss.from_plugins(
         recipe.enabled_plugins(), temperature=recipe.distill.temperature, on=recipe.distill.on, registry=registry
     )
-    check_plugins_accept(loss_fn, recipe.teachers.count, num_classes)
+    check_plugins_accept(loss_fn, recipe.teachers.count, num_classes, unlabeled=need_unlabeled)
     sizes = {
         "labeled": len(splits.labeled),
         "unlabeled": len(splits.unlabeled) if need_unlabeled else 0,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from kdkit.batch import IGNORE_INDEX
 from kdkit.errors import KdkitError
@@ -204,13 +204,16 @@ def training_arguments(
     seed: int,
     save_steps: int | None = None,
     max_steps: int | None = None,
+    where: str = "student",
 ) -> TrainingArguments:
-    """``TrainingArguments`` from a recipe's training table.
+    """``TrainingArguments`` from a recipe's training table (``where``: its name, for messages).
 
     :param save_steps: checkpoint every so many optimizer steps (``None``: no checkpoints).
     :param max_steps: overrides the recipe (the labels-only baseline runs as many steps as the student).
     """
     precision = resolve_precision(cfg.precision)
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise KdkitError(f"{where}.precision = 'fp16' needs a CUDA GPU; use 'bf16', 'fp32' or 'auto' on the CPU")
     steps = cfg.max_steps if max_steps is None else max_steps
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -331,7 +334,7 @@ def train_student(
     """Train (or resume, or reuse) one student in ``directory`` and predict the eval split.
 
     ``directory`` must be specific to the run's settings (the pipeline puts a config hash in its name): a
-    checkpoint found there is resumed, and a finished run (``done.json`` + ``eval_logits.safetensors``) is
+    ``checkpoint-<step>`` found there is resumed, and a finished run (``done.json`` + ``eval_logits.safetensors``) is
     reused as it is.
     """
     from transformers import set_seed
@@ -371,10 +374,10 @@ def train_student(
         num_layers=cfg.num_layers,
         trust_remote_code=cfg.trust_remote_code,
     )
-    checkpoints = directory / "checkpoints"
-    args = training_arguments(cfg, output_dir=checkpoints, seed=seed, save_steps=cfg.save_steps, max_steps=max_steps)
+    # checkpoint-<step>/ folders and the report_to logs (runs/ for TensorBoard) live in the run's directory
+    args = training_arguments(cfg, output_dir=directory, seed=seed, save_steps=cfg.save_steps, max_steps=max_steps)
     trainer = make_trainer(model, tokenizer, dataset, args, teacher_logits=teacher_logits, loss_fn=loss_fn)
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    last = get_last_checkpoint(str(directory)) if directory.is_dir() else None
     if last:
         say(console, f"  resuming {who} (seed {seed}) from {last}")
     start = time.perf_counter()
@@ -395,7 +398,8 @@ def train_student(
             done_file,
             {"seed": seed, "kind": kind, "steps": steps, "train_samples": len(dataset), "seconds": seconds, "log": log},
         )
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        for checkpoint in directory.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+            shutil.rmtree(checkpoint, ignore_errors=True)
     return StudentRun(
         seed=seed,
         kind=kind,

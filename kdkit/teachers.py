@@ -126,7 +126,7 @@ def train_teacher(
     )
     dataset = EncodedDataset(encode(tokenizer, labeled, text_columns, max_length), list(labeled["label"]))
     work = out_dir / ".trainer"
-    args = training_arguments(cfg, output_dir=work, seed=seed)
+    args = training_arguments(cfg, output_dir=work, seed=seed, where="teachers")
     trainer = make_trainer(model, tokenizer, dataset, args)
     start = time.perf_counter()
     result = trainer.train()
