@@ -1,4 +1,4 @@
-"""(e) Peak memory of the student stage vs plain fine-tuning, each in a fresh process (``ru_maxrss``).
+"""(e) Peak memory of the student stage vs plain fine-tuning, each in a fresh process (peak RSS, ``VmHWM``).
 
 Children, interleaved over rounds, each a new Python process that imports the same libraries:
 
@@ -33,7 +33,19 @@ KINDS = {
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """Peak resident memory of this process so far, in MiB.
+
+    ``VmHWM`` from ``/proc/self/status``, not ``ru_maxrss``: on Linux ``ru_maxrss`` survives ``fork`` + ``exec``,
+    so a child started by a big parent would report at least the parent's size.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -173,7 +185,7 @@ def run(sizes: Sizes, steps: int | None = None, rounds: int | None = None) -> Re
     report.data.update(results=results, steps=steps, rounds=rounds)
     del samples_
     report.add(
-        f"Peak resident memory (ru_maxrss) of a fresh process; student MiniLM-3, batch {sizes.batch}, "
+        f"Peak resident memory (VmHWM) of a fresh process; student MiniLM-3, batch {sizes.batch}, "
         f"{steps} steps, {sizes.teachers} teachers, {rounds} interleaved round(s). \"before training\" is the "
         "peak up to trainer.train() (libraries, data, models, and for kdkit-run the cache build).\n\n"
         + common.markdown_table(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -47,7 +48,9 @@ def run(sizes: Sizes, teacher_counts: tuple[int, ...] = (1, 3, 5, 10)) -> Report
     data = ss.student_data(sizes, samples=sizes.batch * (steps + 2))
     initial = common.minilm_classifier(sizes.student_layers, sizes.classes, seed=0)
 
-    def variant(build: Callable[[Any, Any], Any]) -> Callable[[], list[float]]:
+    cpu: dict[str, list[float]] = {}
+
+    def variant(build: Callable[[Any, Any], Any], name: str) -> Callable[[], list[float]]:
         def run_once() -> list[float]:
             model = copy.deepcopy(initial)
             args = ss.arguments(sizes, bench_models.fresh_dir("step"), max_steps=steps)
@@ -55,12 +58,13 @@ def run(sizes: Sizes, teacher_counts: tuple[int, ...] = (1, 3, 5, 10)) -> Report
             timer = ss.StepTimer()
             trainer.add_callback(timer)
             trainer.train()
+            cpu.setdefault(name, []).extend(timer.cpu_times[1:])
             return timer.times[1:]
 
         return run_once
 
     variants: dict[str, Callable[[], list[float]]] = {
-        "plain Trainer (CE)": variant(lambda m, a: ss.plain_trainer(m, data, a))
+        "plain Trainer (CE)": variant(lambda m, a: ss.plain_trainer(m, data, a), "plain Trainer (CE)")
     }
     order = [5] + [n for n in teacher_counts if n != 5]
     for n in order:
@@ -68,13 +72,14 @@ def run(sizes: Sizes, teacher_counts: tuple[int, ...] = (1, 3, 5, 10)) -> Report
         plugins = plugins_for(n)
         loss_fn = DistillationLoss.from_plugins(plugins)
         label = "+".join(p.replace("unikd-", "") for p in plugins)
-        variants[f"kdkit N={n} unikd ({label})"] = variant(
-            lambda m, a, logits=logits, loss_fn=loss_fn: ss.kdkit_trainer(m, data, a, logits, loss_fn)
+        name = f"kdkit N={n} unikd ({label})"
+        variants[name] = variant(
+            lambda m, a, logits=logits, loss_fn=loss_fn: ss.kdkit_trainer(m, data, a, logits, loss_fn), name
         )
     if not sizes.quick:
         logits5 = ss.cached_logits(len(data), 5, sizes.classes, seed=5)
         aekd = DistillationLoss.from_plugins({"aekd": {}})
-        variants["kdkit N=5 aekd"] = variant(lambda m, a: ss.kdkit_trainer(m, data, a, logits5, aekd))
+        variants["kdkit N=5 aekd"] = variant(lambda m, a: ss.kdkit_trainer(m, data, a, logits5, aekd), "kdkit N=5 aekd")
 
     # both sides see the same batches
     args = ss.arguments(sizes, bench_models.fresh_dir("check"), max_steps=steps)
@@ -91,13 +96,19 @@ def run(sizes: Sizes, teacher_counts: tuple[int, ...] = (1, 3, 5, 10)) -> Report
     common.log(f"student step: {len(variants)} variants, {sizes.rounds} rounds of {steps} steps (first dropped)")
     samples = common.interleave(variants, sizes.rounds, log=common.log)
     rows = common.summarize(samples, baseline="plain Trainer (CE)")
+    plain_cpu = statistics.median(cpu["plain Trainer (CE)"])
+    for row in rows:
+        med = statistics.median(cpu[row.name])
+        row.extra["CPU time"] = common.fmt_time(med)
+        row.extra["CPU ratio"] = f"{med / plain_cpu:.3f}x"
     report.data.update(rows=common.rows_data(rows), same_batches=same, source=data.source, mean_tokens=data.mean_tokens)
     report.add(
         f"Student MiniLM cut to {sizes.student_layers} layers, batch {sizes.batch}, max_length {sizes.seq} "
         f"(dynamic padding; {data.source}, {data.mean_tokens:.1f} tokens on average), "
         f"{sizes.rounds} interleaved rounds x {steps - 1} timed steps per variant; both sides checked to get "
-        f"identical batches. kdkit batches are half labeled, half unlabeled.\n\n"
-        + common.time_table(rows, "median step")
+        f"identical batches. kdkit batches are half labeled, half unlabeled. 'CPU time': process CPU time of a "
+        "step (both threads; median), a second view, less sensitive to other processes taking the cores.\n\n"
+        + common.time_table(rows, "median step", extra_cols=["CPU time", "CPU ratio"])
     )
     return report
 

@@ -8,6 +8,7 @@ the model's own loss, given the same arguments and the same dataset order, so bo
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,13 +123,17 @@ class StepTimer(TrainerCallback):
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.cpu_times: list[float] = []  #: process CPU time (all threads) of each step
         self._start = 0.0
+        self._cpu = 0.0
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._cpu = time.process_time()
         self._start = common.now()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.times.append(common.now() - self._start)
+        self.cpu_times.append(time.process_time() - self._cpu)
 
 
 def batch_signature(trainer: Any, batches: int) -> list[tuple[int, ...]]:
