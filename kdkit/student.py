@@ -9,7 +9,9 @@ calling the model, so the model never sees it and the Trainer's column removal n
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from kdkit.batch import IGNORE_INDEX
 from kdkit.errors import KdkitError
@@ -39,6 +41,31 @@ NON_RESULT_FIELDS = frozenset(
 
 class NonFiniteLossError(KdkitError):
     """The training loss became NaN or infinite."""
+
+
+def last_complete_checkpoint(directory: str | Path, console: Any = None) -> str | None:
+    """The newest ``checkpoint-<step>`` folder in ``directory`` that was written completely, or None.
+
+    The Trainer writes a checkpoint in place, its ``trainer_state.json`` last: a run killed while saving leaves a
+    folder without it (or with a cut one). Such a folder is reported, removed and skipped, so that resuming starts
+    from the checkpoint before it instead of failing on it.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    found = []
+    for path in directory.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = path.name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
+        if step.isdigit() and path.is_dir():
+            found.append((int(step), path))
+    for _, path in sorted(found, reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+            return str(path)
+        except (OSError, ValueError):
+            warn(console, f"checkpoint {path} was not written completely (stopped while saving); removing it")
+            shutil.rmtree(path, ignore_errors=True)
+    return None
 
 
 # --------------------------------------------------------------------------- data
@@ -164,7 +191,7 @@ class KDTrainer(Trainer):
             self._record("kd_weight", out.kd_weights)
             self._record("sample_weight", out.sample_weights)
         if model.training and not bool(torch.isfinite(loss.detach())):
-            last = get_last_checkpoint(self.args.output_dir) if Path(self.args.output_dir).is_dir() else None
+            last = last_complete_checkpoint(self.args.output_dir)
             kept = f"; the last good checkpoint is {last}" if last else "; no checkpoint was written yet"
             raise NonFiniteLossError(
                 f"non-finite training loss at step {self.state.global_step + 1} in {self.args.output_dir}{kept}. "
@@ -240,6 +267,9 @@ def training_arguments(
         remove_unused_columns=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # several processes on a machine without CUDA (torchrun, gloo): without use_cpu the Trainer would not
+        # wrap the model in DDP and every process would train alone on all the data
+        use_cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
     )
 
 
@@ -377,7 +407,7 @@ def train_student(
     # checkpoint-<step>/ folders and the report_to logs (runs/ for TensorBoard) live in the run's directory
     args = training_arguments(cfg, output_dir=directory, seed=seed, save_steps=cfg.save_steps, max_steps=max_steps)
     trainer = make_trainer(model, tokenizer, dataset, args, teacher_logits=teacher_logits, loss_fn=loss_fn)
-    last = get_last_checkpoint(str(directory)) if directory.is_dir() else None
+    last = last_complete_checkpoint(directory, console)
     if last:
         say(console, f"  resuming {who} (seed {seed}) from {last}")
     start = time.perf_counter()
