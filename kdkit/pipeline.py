@@ -25,7 +25,7 @@ import torch
 from kdkit.batch import IGNORE_INDEX
 from kdkit.errors import KdkitError
 from kdkit.recipe import Recipe
-from kdkit.utils import say, warn
+from kdkit.utils import init_distributed, is_main_process, say, warn
 
 
 def _stage(console: Any, number: int, title: str) -> None:
@@ -80,7 +80,7 @@ def _run(
     from kdkit.evaluate import classification_metrics, ensemble_probabilities, mean_std, metric_names, results_table
     from kdkit.loss import DistillationLoss
     from kdkit.manager import discover_plugins
-    from kdkit.models import encode, load_tokenizer, resolve_model_ref
+    from kdkit.models import check_weights, encode, load_tokenizer, resolve_model_ref
     from kdkit.student import EncodedDataset, StudentRun, student_config_hash, train_student
     from kdkit.teachers import prepare_teachers
     from kdkit.utils import atomic_write_json
@@ -88,14 +88,18 @@ def _run(
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     set_seed(recipe.seeds[0])
+    # several processes (torchrun): all train together; the main one alone writes the run's files
+    init_distributed()
+    main = is_main_process()
     run_dir = Path(recipe.output_dir).expanduser().resolve() / recipe.name
     cache_dir = Path(recipe.cache_dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     results_file = run_dir / "results.json"
     partial_file = run_dir / "results.partial.json"
-    # results of an earlier run may belong to another version of the recipe: never leave them beside this one
-    results_file.unlink(missing_ok=True)
-    atomic_write_json(run_dir / "recipe.resolved.json", recipe.model_dump(mode="json"))
+    if main:
+        # results of an earlier run may belong to another version of the recipe: never leave them beside this one
+        results_file.unlink(missing_ok=True)
+        atomic_write_json(run_dir / "recipe.resolved.json", recipe.model_dump(mode="json"))
     say(console, f"run {recipe.name} -> {run_dir}")
 
     # ------------------------------------------------------------------ 1. data
@@ -111,6 +115,10 @@ def _run(
         recipe.enabled_plugins(), temperature=recipe.distill.temperature, on=recipe.distill.on, registry=registry
     )
     check_plugins_accept(loss_fn, recipe.teachers.count, num_classes, unlabeled=need_unlabeled)
+    # a base model directory without weights is found now, not after hours of teacher training
+    check_weights(resolve_model_ref(recipe.student.model), "student")
+    if recipe.teachers.model is not None:
+        check_weights(resolve_model_ref(recipe.teachers.model), "teachers.model")
     sizes = {
         "labeled": len(splits.labeled),
         "unlabeled": len(splits.unlabeled) if need_unlabeled else 0,
@@ -244,14 +252,15 @@ def _run(
                 )
             baselines.append(base)
             _report_run(console, "labels-only student", base, classification_metrics(base.eval_logits, eval_labels))
-        atomic_write_json(
-            partial_file,
-            {
-                "complete": False,
-                "student": [figures(r) for r in students],
-                "labels_only": [figures(r) for r in baselines],
-            },
-        )
+        if main:
+            atomic_write_json(
+                partial_file,
+                {
+                    "complete": False,
+                    "student": [figures(r) for r in students],
+                    "labels_only": [figures(r) for r in baselines],
+                },
+            )
     seconds["students"] = time.perf_counter() - tick
 
     # ------------------------------------------------------------------ 5. evaluation
@@ -309,6 +318,8 @@ def _run(
         },
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
+    if not main:
+        return results
     atomic_write_json(results_file, results)
     partial_file.unlink(missing_ok=True)
     say(console, f"  results: {results_file} ({seconds['total']:.0f} s)")

@@ -13,10 +13,12 @@ teacher twice at once.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,10 +39,12 @@ from kdkit.recipe import TeachersConfig
 from kdkit.utils import (
     CACHE_FORMAT,
     atomic_write_json,
+    barrier,
     commit_directory,
     file_lock,
     hash_columns,
     hash_json,
+    is_main_process,
     read_json,
     remove_stale_temporaries,
     resolve_precision,
@@ -172,16 +176,21 @@ def prepare_teachers(
         )
         final = root / key
         trained_now = False
-        with file_lock(root / f"{key}.lock"):
+        main = is_main_process()
+        # Several processes (torchrun) train each teacher together; the main one alone takes the cache lock (so
+        # other runs wait) and writes the entry, and the others look at the cache only once it holds the lock.
+        with file_lock(root / f"{key}.lock") if main else contextlib.nullcontext():
+            barrier()
             problem = verify_complete_marker(final) if final.exists() else "absent"
             if problem is not None:
-                if final.exists():
+                if final.exists() and main:
                     message = f"{who}: cached checkpoint {final} is unusable ({problem}); training it again"
                     warnings.warn(message, CacheWarning, stacklevel=2)
                     warn(console, message)
-                remove_stale_temporaries(root, key)
+                if main:
+                    remove_stale_temporaries(root, key)
                 say(console, f"  training {who} on {len(labeled)} labeled samples")
-                with staging_directory(final) as tmp:
+                with _staging(final, main) as tmp:
                     info = train_teacher(
                         cfg,
                         seed=seed,
@@ -192,12 +201,14 @@ def prepare_teachers(
                         out_dir=tmp,
                         who=who,
                     )
-                    atomic_write_json(tmp / METADATA_FILE, {"key": key, "inputs": inputs, "training": info})
-                    write_complete_marker(tmp, {"key": key})
-                    commit_directory(tmp, final)
+                    if main:
+                        atomic_write_json(tmp / METADATA_FILE, {"key": key, "inputs": inputs, "training": info})
+                        write_complete_marker(tmp, {"key": key})
+                        commit_directory(tmp, final)
                 trained_now = True
             else:
                 say(console, f"  {who}: reusing {final}")
+            barrier()  # the entry is in place before any process reads it
         metadata = read_json(final / METADATA_FILE)
         teachers.append(
             Teacher(
@@ -213,6 +224,18 @@ def prepare_teachers(
             )
         )
     return teachers
+
+
+@contextlib.contextmanager
+def _staging(final: Path, main: bool) -> Iterator[Path]:
+    """Where a teacher is saved while training: beside its cache entry for the main process; a throwaway
+    folder for the other processes of a torchrun run (they train alongside it and keep nothing)."""
+    if main:
+        with staging_directory(final) as tmp:
+            yield tmp
+    else:
+        with tempfile.TemporaryDirectory(prefix="kdkit-teacher-") as tmp:
+            yield Path(tmp)
 
 
 def _given_teacher(ref: Any, index: int, label_names: Sequence[str], trust_remote_code: bool, console: Any) -> Teacher:

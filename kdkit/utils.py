@@ -221,6 +221,47 @@ def file_lock(path: str | Path, poll: float = 0.2) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+# --------------------------------------------------------------------------- several processes
+def world_size() -> int:
+    """How many processes run the recipe together (``torchrun`` / ``accelerate launch`` set ``WORLD_SIZE``)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """True in the process of rank 0 (or when running alone): the one that writes shared files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def init_distributed() -> None:
+    """Start torch.distributed's default process group when several processes run together, so that
+    :func:`barrier` works before the first Trainer exists (the Trainer then uses the same group)."""
+    if world_size() <= 1:
+        return
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    timeout = datetime.timedelta(seconds=1800)  # the Trainer's own default (ddp_timeout)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl", timeout=timeout)
+    else:
+        dist.init_process_group(backend="gloo", timeout=timeout)
+
+
+def barrier() -> None:
+    """Wait until every process of the run reaches this point (nothing when running alone)."""
+    if world_size() <= 1:
+        return
+    import torch.distributed as dist
+
+    init_distributed()
+    dist.barrier()
+
+
 # --------------------------------------------------------------------------- devices and precision
 def resolve_precision(precision: str) -> str:
     """``auto`` -> ``bf16`` on a CUDA GPU that supports it, else ``fp32``; anything else is returned as is."""
