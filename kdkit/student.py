@@ -192,6 +192,10 @@ class KDTrainer(Trainer):
             self._record("sample_weight", out.sample_weights)
         if model.training and not bool(torch.isfinite(loss.detach())):
             last = last_complete_checkpoint(self.args.output_dir)
+            for callback in self.callback_handler.callbacks:  # end the progress bar's line before the message
+                if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+                    callback.training_bar.close()
+                    callback.training_bar = None
             kept = f"; the last good checkpoint is {last}" if last else "; no checkpoint was written yet"
             raise NonFiniteLossError(
                 f"non-finite training loss at step {self.state.global_step + 1} in {self.args.output_dir}{kept}. "
