@@ -175,6 +175,109 @@ def plugins(
         _warn(f"{len(failed)} plugin{'s' if len(failed) != 1 else ''} failed to load: {', '.join(failed)}")
 
 
+MetricOption = Annotated[
+    str, typer.Option("--metric", help="metric of the table and plot: accuracy, f1 or macro_f1")
+]
+
+
+def _fixed_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for expression in overrides:
+        key, value = parse_override(expression)
+        values.pop(key, None)
+        values[key] = value
+    return values
+
+
+def _print_outputs(files: dict[str, Path]) -> None:
+    for kind, path in files.items():
+        stderr_console().print(Text(f"  {kind}: {path}"))
+
+
+@app.command()
+def ablate(
+    recipe: RecipeArg,
+    set_: SetOption = [],  # noqa: B006
+    metric: MetricOption = "accuracy",
+) -> None:
+    """Run a recipe as written, once with each enabled plugin switched off and (when it distills on both streams)
+    on each stream alone; over the recipe's seeds, reusing teachers and logits. Writes a table and a bar chart
+    to <output_dir>/<name>/ablate/."""
+    with _user_errors():
+        fixed = _fixed_overrides(set_)
+        loaded = load_recipe(recipe, overrides=fixed)
+        from kdkit.experiments import ablate as run_ablation
+
+        exp = run_ablation(loaded, recipe_path=recipe, console=stderr_console(), fixed=fixed, metric=metric)
+    stdout_console().print(exp.table(title=f"{loaded.name}: ablation"))
+    _print_outputs(exp.files)
+
+
+@app.command()
+def sweep(
+    recipe: RecipeArg,
+    set_: Annotated[
+        list[str],
+        typer.Option(
+            "--set",
+            "-s",
+            metavar="KEY=V1,V2,...",
+            help="a swept key with comma-separated values, each read as TOML "
+            "(e.g. plugins.unikd-disagreement.lambda=0,1,5,10,15,20); several swept keys make a grid; "
+            "KEY=VALUE with one value is a fixed override",
+            show_default=False,
+        ),
+    ] = [],  # noqa: B006
+    metric: MetricOption = "accuracy",
+) -> None:
+    """Run a recipe at every value (or every combination of values) of the swept keys; writes a table and a line
+    plot with error bars to <output_dir>/<name>/sweep/."""
+    with _user_errors():
+        from kdkit.experiments import parse_sweep
+        from kdkit.experiments import sweep as run_sweep
+
+        axes, fixed = parse_sweep(set_)
+        loaded = load_recipe(recipe, overrides=fixed)
+        exp = run_sweep(loaded, axes, recipe_path=recipe, console=stderr_console(), fixed=fixed, metric=metric)
+    stdout_console().print(exp.table(title=f"{loaded.name}: sweep"))
+    _print_outputs(exp.files)
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[
+        list[Path], typer.Argument(metavar="RUN_DIR...", help="finished run directories (holding results.json)")
+    ],
+    markdown: Annotated[Path | None, typer.Option("--markdown", help="write the tables as Markdown here")] = None,
+    csv: Annotated[Path | None, typer.Option("--csv", help="write one line per row and data set as CSV here")] = None,
+    as_json: Annotated[Path | None, typer.Option("--json", help="write every figure and test as JSON here")] = None,
+    metric: MetricOption = "accuracy",
+    alpha: Annotated[float, typer.Option("--alpha", help="significance level of the t-tests")] = 0.05,
+) -> None:
+    """Collect finished runs into the paper's Table 2 layout (single teacher, ensemble, one row per method; one
+    column per data set), mean ± std over student seeds, with Student's t-test between every two methods."""
+    with _user_errors():
+        from kdkit.report import report_runs, rich_table, write_text
+
+        if not 0 < alpha < 1:
+            raise KdkitError(f"--alpha must be between 0 and 1, got {alpha}")
+        result = report_runs(run_dirs, metric=metric, alpha=alpha)
+        console = stdout_console()
+        if not console.is_terminal:
+            console.width = 10_000
+        console.print(rich_table(result.header(), result.body(), title=f"{metric} (%), mean ± std over seeds"))
+        for line in result.noise_lines():
+            console.print(Text(line))
+        if result.tests:
+            console.print(rich_table(result.test_header(), result.test_body(), title="Student's t-test, two-sided"))
+        if markdown is not None:
+            write_text(markdown, result.markdown())
+        if csv is not None:
+            write_text(csv, result.csv())
+        if as_json is not None:
+            write_text(as_json, json.dumps(result.as_dict(), indent=2) + "\n")
+
+
 # --------------------------------------------------------------------------- entry point
 def main(argv: Sequence[str] | None = None) -> None:
     """The ``kdkit`` console script."""
