@@ -2,7 +2,7 @@
 
 Results go to stdout (``--json`` for machines), progress and diagnostics to stderr. A user error (any
 :class:`kdkit.errors.KdkitError`: a bad recipe, an unknown plugin, unusable data) prints its message and exits
-with code 2, without a traceback.
+with code 2, without a traceback. Ctrl-C stops with exit code 130 and says how to continue.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from kdkit import __version__
 from kdkit.errors import KdkitError
 from kdkit.manager import discover_plugins
 from kdkit.recipe import Recipe, load_recipe, parse_override, recipe_json_schema
+from kdkit.utils import is_main_process
 
 app = typer.Typer(
     name="kdkit",
@@ -59,6 +60,19 @@ def _user_errors() -> Iterator[None]:
     except KdkitError as exc:
         report_error(exc)
         raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        # Ctrl-C: everything finished so far is on disk (teachers, teacher logits, student checkpoints)
+        stderr_console().print(
+            Text(
+                "interrupted: run the same command again to continue; finished teachers, teacher logits and the "
+                "student's last checkpoint are kept"
+            )
+        )
+        raise typer.Exit(INTERRUPTED) from None
+
+
+#: Exit code after Ctrl-C (128 + SIGINT, as shells report it).
+INTERRUPTED = 130
 
 
 def _load(recipe: Path, overrides: Sequence[str]) -> Recipe:
@@ -124,7 +138,7 @@ def run(
 
         # the pipeline prints its results table on stdout; with --json, stdout holds the JSON document only
         results = run_recipe(loaded, recipe_path=recipe, console=stderr_console(), print_table=not as_json)
-    if as_json:
+    if as_json and is_main_process():  # under torchrun, one document from rank 0
         typer.echo(json.dumps(results, indent=2, default=str))
 
 

@@ -192,16 +192,27 @@ class KDTrainer(Trainer):
             self._record("sample_weight", out.sample_weights)
         if model.training and not bool(torch.isfinite(loss.detach())):
             last = last_complete_checkpoint(self.args.output_dir)
-            for callback in self.callback_handler.callbacks:  # end the progress bar's line before the message
-                if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
-                    callback.training_bar.close()
-                    callback.training_bar = None
+            self._close_progress_bar()
             kept = f"; the last good checkpoint is {last}" if last else "; no checkpoint was written yet"
             raise NonFiniteLossError(
                 f"non-finite training loss at step {self.state.global_step + 1} in {self.args.output_dir}{kept}. "
                 "Lower the learning rate or use fp32/bf16 instead of fp16"
             )
         return (loss, outputs) if return_outputs else loss
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().train(*args, **kwargs)
+        except KeyboardInterrupt:
+            self._close_progress_bar()
+            raise
+
+    def _close_progress_bar(self) -> None:
+        """End the training bar's line, so that a message printed next (an error, Ctrl-C) starts on its own."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+                callback.training_bar.close()
+                callback.training_bar = None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
