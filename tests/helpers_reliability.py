@@ -7,6 +7,8 @@ interruption tests do not depend on how fast the machine is:
 
 * ``teacher-step:N:S``: SIGKILL at the end of optimizer step ``S`` of the ``N``-th teacher trained;
 * ``student-step:S`` / ``student-sigint:S``: SIGKILL / SIGINT (what Ctrl-C sends) at the end of student step ``S``;
+* ``student-save:S``: SIGKILL while the Trainer saves ``checkpoint-S`` (weights and optimizer written, its RNG
+  state and ``trainer_state.json`` not yet);
 * ``logit-write:N``: during the ``N``-th teacher-logit file write, cut its temporary file to half its bytes,
   then SIGKILL (the state a kill in the middle of the write leaves on disk);
 * ``hold-teacher-lock:DIR``: before training the first teacher (holding its cache lock), create ``DIR/holding``
@@ -20,13 +22,14 @@ Nothing in kdkit itself knows about these hooks: the script patches kdkit's func
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +74,25 @@ def write_recipe(path: Path, data: Mapping[str, Any]) -> Path:
 def kdkit_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", NO_COLOR="1")
+    # one thread, as in the test process (see one_thread): tiny models gain nothing from more, and the same
+    # thread count in every process keeps their float results bit for bit comparable
+    env["OMP_NUM_THREADS"] = "1"
     env.pop("KDKIT_TEST_STOP", None)
     env.update(extra or {})
     return env
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread in this process for the block (use it as a module-scoped autouse fixture)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def kdkit_command(args: Sequence[str], stop: str | None = None) -> list[str]:
@@ -146,6 +165,19 @@ def _patch_trainers(kind: str, number: int, step: int, sig: int) -> None:
     kdkit.student.make_trainer = make_trainer
 
 
+def _patch_checkpoint_save(step: int) -> None:
+    from kdkit.student import KDTrainer
+
+    real = KDTrainer._save_rng_state
+
+    def save_rng_state(self: Any, output_dir: Any) -> None:
+        if self.state.global_step == step:
+            _die()
+        real(self, output_dir)
+
+    KDTrainer._save_rng_state = save_rng_state
+
+
 def _patch_logit_write(number: int) -> None:
     real_fsync = os.fsync
     seen = 0
@@ -207,6 +239,8 @@ def _install(stop: str) -> None:
         _patch_trainers("teacher", number, step, signal.SIGKILL)
     elif kind in ("student-step", "student-sigint"):
         _patch_trainers("student", 1, int(rest), signal.SIGKILL if kind == "student-step" else signal.SIGINT)
+    elif kind == "student-save":
+        _patch_checkpoint_save(int(rest))
     elif kind == "logit-write":
         _patch_logit_write(int(rest))
     elif kind == "hold-teacher-lock":

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 import kdkit
 from helpers_models import make_bert, quick_recipe, sentences, write_jsonl
-from helpers_reliability import write_recipe
+from helpers_reliability import one_thread, write_recipe
 from kdkit import cli
 from kdkit.manager import BLOCK_ENV_VAR
 
@@ -28,6 +28,12 @@ runner = CliRunner()
 
 
 # --------------------------------------------------------------------------- set-up
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
