@@ -146,6 +146,11 @@ def no_weight_progress_bars() -> Iterator[None]:
 
 
 def _wrap_os_error(exc: Exception, resolved: str, who: str) -> ModelError:
+    if "trust_remote_code=True" in str(exc):  # transformers refusing to run the checkpoint's own code
+        return ModelError(
+            f"{who}: '{resolved}' needs its own Python code to load, which kdkit runs only when the recipe allows "
+            "it: set trust_remote_code = true in [teachers] or [student], and only for code you trust"
+        )
     hint = "" if is_local(resolved) else " (no network? hub ids need the hub or its local cache)"
     return ModelError(f"{who}: cannot load '{resolved}'{hint}: {exc}")
 

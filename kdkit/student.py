@@ -438,6 +438,8 @@ def train_student(
     log = [entry for entry in trainer.state.log_history if "loss" in entry]
     if trainer.is_world_process_zero():
         trainer.save_model(str(directory / "model"))
+        # the Trainer adds its arguments as a pickle (torch.save); kdkit's outputs hold safetensors and JSON only
+        (directory / "model" / "training_args.bin").unlink(missing_ok=True)
         write_logits(logits_file, eval_logits, {"kind": kind, "seed": str(seed)})
         atomic_write_json(
             done_file,
