@@ -17,6 +17,7 @@ import json
 import warnings
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
+from pickle import UnpicklingError  # the exception only: kdkit never unpickles anything itself
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +248,12 @@ def load_classifier(
         if "size mismatch" in str(exc):
             raise ModelError(f"{who}: weights of '{resolved}' do not fit its config: {exc}") from None
         raise
+    except UnpicklingError as exc:  # torch.load(weights_only=True) met something other than tensors
+        reason = str(exc).split("WeightsUnpickler error:")[-1].strip().split("\n")[0].split(". ")[0]
+        raise ModelError(
+            f"{who}: the weights of '{resolved}' are a pickle holding more than tensors ({reason}); kdkit does not "
+            "load it, since unpickling it could run code. Use a checkpoint saved as safetensors"
+        ) from None
     return model
 
 

@@ -76,8 +76,8 @@ def test_no_pickle_and_no_torch_load_without_weights_only() -> None:
             modules = []
             if isinstance(node, ast.Import):
                 modules = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                modules = [node.module or ""]
+            elif isinstance(node, ast.ImportFrom) and [a.name for a in node.names] != ["UnpicklingError"]:
+                modules = [node.module or ""]  # importing the exception type alone is fine
             for module in modules:
                 if module.split(".")[0] in {"pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}:
                     problems.append(f"{path.name}:{node.lineno}: imports {module}")
@@ -220,6 +220,31 @@ def test_remote_code_runs_only_when_the_recipe_turns_it_on(
     assert "warning: teachers.trust_remote_code is on: model code will run" in allowed.stderr
     assert marker.read_text() == "the checkpoint code ran"
     assert (tmp_path / "runs" / "tiny" / "results.json").is_file()
+
+
+# --------------------------------------------------------------------------- what kdkit reads
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused(tmp_path: Path) -> None:
+    import torch
+
+    marker = tmp_path / "UNPICKLED"
+
+    class Payload:
+        def __reduce__(self) -> tuple:
+            return (exec, (f"open({str(marker)!r}, 'w').write('ran')",))
+
+    base = make_bert(tmp_path / "base", layers=1, seed=0)
+    good = make_bert(tmp_path / "good", layers=1, seed=1, num_labels=2, label_names=LABELS)
+    evil = make_bert(tmp_path / "evil", layers=1, seed=2, num_labels=2, label_names=LABELS)
+    (evil / "model.safetensors").unlink()
+    torch.save({"classifier.bias": Payload()}, evil / "pytorch_model.bin")  # an old-style checkpoint, poisoned
+    data = quick_recipe(tmp_path, base, **{"student.max_steps": 2})
+    data["teachers"] = {"checkpoints": [str(good), str(evil)]}
+    result = invoke("run", str(write_recipe(tmp_path / "recipe.toml", data)))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    message = result.stderr[result.stderr.index("error: ") :]
+    assert f"teacher 2 ({evil}): the weights of '{evil}' are a pickle holding more than tensors" in message
+    assert "GLOBAL exec was not an allowed global" in message
+    assert not marker.exists()
 
 
 # --------------------------------------------------------------------------- what kdkit writes
