@@ -309,7 +309,7 @@ def bar_chart(
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=20, ha="right")
         ax.set_ylabel(f"{metric} (%)")
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         spread = [m - s for m, s in zip(means, stds, strict=True)] + [100 * v for _, v in references]
         top = [m + s for m, s in zip(means, stds, strict=True)] + [100 * v for _, v in references]
         if spread:
@@ -440,7 +440,7 @@ def line_plot(
             ax.set_xticklabels([_value_text(v) for v in values])
         ax.set_xlabel(key)
         ax.set_ylabel(f"{metric} (%)")
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         if references or len(series) > 1:
             ax.legend(fontsize=8)
         fig.tight_layout()
@@ -485,7 +485,7 @@ def sweep(
                 axes,
                 directory / "sweep.png",
                 metric=metric,
-                title=f"{recipe.name}: {axes[0][0]} ({metric}, mean ± std over seeds)",
+                title=f"{recipe.name}: {axes[0][0].split('.')[-1]} ({metric}, mean ± std over seeds)",
                 references=_reference_lines(first, metric),
             )
         state["exp"] = exp
