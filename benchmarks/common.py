@@ -51,8 +51,8 @@ class Sizes:
     samples: int = 3000  #: training sentences (end to end, cache build)
     epochs: int = 3
     cache_batch: int = 256  #: batch size of the teacher forward passes (cache build, bare loop)
-    steps: int = 6  #: measured optimizer steps per round (student-step benchmark)
-    rounds: int = 5  #: interleaved rounds
+    steps: int = 4  #: measured optimizer steps per round (student-step benchmark)
+    rounds: int = 8  #: interleaved rounds (student step)
     quick: bool = False
 
     @classmethod

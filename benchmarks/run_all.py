@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, few rounds: a smoke run")
     parser.add_argument("--only", nargs="+", choices=ORDER, help="run only these benchmarks")
     parser.add_argument("--name", help="report file name under benchmarks/results/")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (loss/step default 12/5)")
-    parser.add_argument("--steps", type=int, help="timed steps per round (student step)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds of the student-step benchmark (default 8)")
+    parser.add_argument("--steps", type=int, help="timed steps per round of the student-step benchmark (default 4)")
     parser.add_argument("--samples", type=int, help="sentences for the cache build and end to end")
     parser.add_argument("--epochs", type=int, help="epochs end to end")
     parser.add_argument("--teachers", type=int, help="number of teachers")
@@ -50,10 +50,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-rounds", type=int, help="rounds of the cache-build benchmark (default 3)")
     parser.add_argument("--e2e-rounds", type=int, help="rounds of the end-to-end benchmark (default 1)")
     parser.add_argument("--memory-rounds", type=int, help="rounds of the memory benchmark (default 3)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (default: torch's own, one per core); on a machine shared with other jobs, 1 "
+        "gives far steadier timings (docs/PERFORMANCE.md)",
+    )
     parser.add_argument("--no-textbrewer", action="store_true", help="leave TextBrewer out of the end to end")
     parser.add_argument("--no-ablation", action="store_true", help="leave the 5-variant ablation out")
     args = parser.parse_args(argv)
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)  # memory children
     sizes = Sizes.quick_sizes() if args.quick else Sizes()
     for attr, value in (
         ("rounds", args.rounds),
