@@ -212,12 +212,16 @@ def load_classifier(
     num_layers: int | None = None,
     trust_remote_code: bool = False,
     fine_tuned: bool = False,
+    pooling: str | None = None,
 ) -> Any:
     """Load ``AutoModelForSequenceClassification`` for the data's classes.
 
     :param fine_tuned: the checkpoint already has a classification head for these classes (a given teacher,
         a cached teacher): its label count and order are checked instead of being set.
     :param num_layers: keep only the first ``num_layers`` transformer layers.
+    :param pooling: ``"mean"`` classifies the mean of the token vectors instead of the first token's
+        (:func:`kdkit.pooling.use_mean_pooling`); ``None`` keeps what the checkpoint was saved with (``"cls"`` unless kdkit
+        saved it with mean pooling).
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -254,6 +258,12 @@ def load_classifier(
             f"{who}: the weights of '{resolved}' are a pickle holding more than tensors ({reason}); kdkit does not "
             "load it, since unpickling it could run code. Use a checkpoint saved as safetensors"
         ) from None
+    from kdkit.pooling import POOLING_KEY, use_mean_pooling
+
+    if (pooling or getattr(config, POOLING_KEY, "cls")) == "mean":
+        use_mean_pooling(model, who=who)
+    elif hasattr(model.config, POOLING_KEY):  # asked for [CLS] on a checkpoint saved with mean pooling
+        setattr(model.config, POOLING_KEY, "cls")
     return model
 
 

@@ -98,6 +98,11 @@ class TeachersConfig(TrainConfig):
 
     model: ModelRef | None = Field(None, description="hub id, local directory or {package, path}")
     num_layers: int | None = Field(None, gt=0, description="keep only the first k transformer layers")
+    pooling: Literal["cls", "mean"] = Field(
+        "cls",
+        description="what the classifier reads: the first token's vector (the model's own head) or the masked mean "
+        "of all token vectors (for sentence-embedding checkpoints such as MiniLM; BERT-style models only)",
+    )
     seeds: list[int] = Field(default_factory=lambda: [1, 2, 3], description="one teacher per seed")
     checkpoints: list[ModelRef] | None = Field(None, description="fine-tuned teachers to load instead of training")
     trust_remote_code: bool = False
@@ -120,6 +125,11 @@ class TeachersConfig(TrainConfig):
 class StudentConfig(TrainConfig):
     model: ModelRef = Field(description="hub id, local directory or {package, path}")
     num_layers: int | None = Field(None, gt=0, description="keep only the first k transformer layers")
+    pooling: Literal["cls", "mean"] = Field(
+        "cls",
+        description="what the classifier reads: the first token's vector (the model's own head) or the masked mean "
+        "of all token vectors (for sentence-embedding checkpoints such as MiniLM; BERT-style models only)",
+    )
     trust_remote_code: bool = False
     save_steps: int = Field(500, gt=0, description="checkpoint every so many optimizer steps")
     label_only_baseline: bool = Field(

@@ -418,6 +418,7 @@ def train_student(
         who=who,
         num_layers=cfg.num_layers,
         trust_remote_code=cfg.trust_remote_code,
+        pooling=cfg.pooling,
     )
     # checkpoint-<step>/ folders and the report_to logs (runs/ for TensorBoard) live in the run's directory
     args = training_arguments(cfg, output_dir=directory, seed=seed, save_steps=cfg.save_steps, max_steps=max_steps)

@@ -126,7 +126,12 @@ def train_teacher(
     set_seed(seed)
     tokenizer = load_tokenizer(resolved, who=who, trust_remote_code=cfg.trust_remote_code)
     model = load_classifier(
-        resolved, label_names=label_names, who=who, num_layers=cfg.num_layers, trust_remote_code=cfg.trust_remote_code
+        resolved,
+        label_names=label_names,
+        who=who,
+        num_layers=cfg.num_layers,
+        trust_remote_code=cfg.trust_remote_code,
+        pooling=cfg.pooling,
     )
     dataset = EncodedDataset(encode(tokenizer, labeled, text_columns, max_length), list(labeled["label"]))
     work = out_dir / ".trainer"
