@@ -1,9 +1,8 @@
-"""The reproduction suite of docs/RESULTS.md in one command: Table 2, the ablation, the teacher-weighting variants
-and the lambda sweep, on the offline sentence-polarity data.
+"""The reproduction suite of docs/RESULTS.md in one command: Table 2 (two teacher settings), the ablation, the
+teacher-weighting variants and the lambda sweep, on the offline sentence-polarity data with MiniLM.
 
-    python -m kdkit.polarity --out .data/polarity                       # once
-    python recipes/bench/make_model.py                                   # once (run_suite does it too)
-    nohup .venv/bin/python benchmarks/run_suite.py > runs/bench/suite.out 2>&1 &
+    python -m kdkit.polarity --out .data/polarity                         # once: the data
+    mkdir -p runs/bench && nohup .venv/bin/python benchmarks/run_suite.py > runs/bench/suite.out 2>&1 &
 
 Run from the repository root. Every step is an ordinary kdkit command on a recipe of recipes/bench/; teachers and
 their logits are cached in .kdkit-cache/ and finished student runs are reused, so running this again resumes where
@@ -11,16 +10,35 @@ it stopped. While it runs:
 
 * runs/bench/suite.log      every step's own output (progress bars included);
 * runs/bench/suite.status   one line per step: started / done / failed, with wall time;
-* runs/bench/table2.md|csv  Table 2 over the runs finished so far (rewritten after every step);
+* runs/bench/table2.md|csv  Table 2 over the runs finished so far, one column per teacher setting (rewritten
+                            after every step);
 * runs/bench/unikd/ablate/ablation.{md,png}, runs/bench/unikd/sweep/sweep.{md,png}.
 
-``--only table2,ablate,weighting,sweep`` picks steps; ``--dry-run`` prints the commands.
+Steps, in this order (``--only`` picks some, comma-separated):
+
+* ``table2``: ``kdkit run`` on recipes/bench/{kd-labeled,aekd,kd-unlabeled,unikd}.toml (teachers of the student's
+  architecture, the paper's protocol; kd-labeled also trains the labels-only ``single`` row);
+* ``strong``: the same four rows with deeper teachers, recipes/bench/strong/*.toml (outputs in runs/bench-strong/);
+* ``ablate``: ``kdkit ablate recipes/bench/unikd.toml``;
+* ``weighting``: ``kdkit run`` on the two other ``teacher_weighting`` variants of Eq. 1;
+* ``sweep``: ``kdkit sweep recipes/bench/unikd.toml --set plugins.unikd-disagreement.lambda=0,1,5,10,15,20``;
+* ``publish``: copy the tables and plots to docs/results/.
+
+The labels-only student does not depend on the teachers: its run folder is named by a hash of its own settings
+and seed, which are the same in recipes/bench/kd-labeled.toml and recipes/bench/strong/kd-labeled.toml. Before the
+``strong`` kd-labeled run, the suite copies the finished labels-only runs of runs/bench/kd-labeled/ (their
+``done.json`` and evaluation logits) into runs/bench-strong/kd-labeled/, where kdkit finds and reuses them (its
+results.json marks them ``reused``) instead of training the same student twice. A copy whose hash does not match
+is simply not used.
+
+``--threads N`` (default 1) sets OMP_NUM_THREADS / MKL_NUM_THREADS for every step; ``--dry-run`` prints the plan.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -28,79 +46,144 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "recipes" / "bench"
+STRONG = BENCH / "strong"
 OUT = ROOT / "runs" / "bench"
+STRONG_OUT = ROOT / "runs" / "bench-strong"
+DOCS = ROOT / "docs" / "results"
 TABLE2 = ["kd-labeled", "aekd", "kd-unlabeled", "unikd"]
 WEIGHTING = ["unikd-softmax-neg-loss", "unikd-as-printed"]
 LAMBDAS = "0,1,5,10,15,20"
+GROUPS = ["table2", "strong", "ablate", "weighting", "sweep", "publish"]
 
 
 def kdkit(*args: str) -> list[str]:
     return [sys.executable, "-m", "kdkit", *args]
 
 
+def rel(path: Path) -> str:
+    """``path`` relative to the repository root, where every command runs (shorter logs and results.json)."""
+    return str(path.relative_to(ROOT))
+
+
+def share_labels_only(source: Path, target: Path) -> int:
+    """Copy the finished labels-only student runs of run folder ``source`` into run folder ``target`` (the
+    files kdkit reads to reuse a finished run: done.json and eval_logits.safetensors). Returns how many."""
+    copied = 0
+    for run in sorted((source / "students").glob("labels-only-seed*")):
+        files = [run / "done.json", run / "eval_logits.safetensors"]
+        dest = target / "students" / run.name
+        if not all(f.is_file() for f in files) or dest.exists():
+            continue
+        staging = dest.with_name(dest.name + ".copying")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for f in files:
+            shutil.copy2(f, staging / f.name)
+        staging.rename(dest)
+        copied += 1
+    return copied
+
+
 def steps() -> list[tuple[str, str, list[str]]]:
-    plan = [("table2", f"run {name}", kdkit("run", str(BENCH / f"{name}.toml"))) for name in TABLE2]
-    plan.append(("ablate", "ablate unikd", kdkit("ablate", str(BENCH / "unikd.toml"))))
-    plan += [("weighting", f"run {name}", kdkit("run", str(BENCH / f"{name}.toml"))) for name in WEIGHTING]
+    plan = [("table2", f"run {name}", kdkit("run", rel(BENCH / f"{name}.toml"))) for name in TABLE2]
+    plan += [("strong", f"run strong/{name}", kdkit("run", rel(STRONG / f"{name}.toml"))) for name in TABLE2]
+    plan.append(("ablate", "ablate unikd", kdkit("ablate", rel(BENCH / "unikd.toml"))))
+    plan += [("weighting", f"run {name}", kdkit("run", rel(BENCH / f"{name}.toml"))) for name in WEIGHTING]
     plan.append(
         (
             "sweep",
             "sweep lambda",
-            kdkit("sweep", str(BENCH / "unikd.toml"), "--set", f"plugins.unikd-disagreement.lambda={LAMBDAS}"),
+            kdkit("sweep", rel(BENCH / "unikd.toml"), "--set", f"plugins.unikd-disagreement.lambda={LAMBDAS}"),
         )
     )
     return plan
 
 
-def report() -> None:
-    """Table 2 over the finished runs (kd-labeled also holds the labels-only `single` row)."""
-    names = TABLE2 + WEIGHTING
-    finished = [str(OUT / n) for n in names if (OUT / n / "results.json").is_file()]
+def finished_runs() -> list[Path]:
+    """Run folders of Table 2 that hold a results.json: the main column first, then the stronger teachers."""
+    names = [OUT / n for n in TABLE2 + WEIGHTING] + [STRONG_OUT / n for n in TABLE2]
+    return [d for d in names if (d / "results.json").is_file()]
+
+
+def report(log_path: Path) -> None:
+    """Table 2 over the finished runs (kd-labeled also holds the labels-only `single` row); runs with the same
+    teachers share a column, so the two teacher settings are two columns."""
+    finished = finished_runs()
     if not finished:
         return
-    command = kdkit("report", *finished, "--markdown", str(OUT / "table2.md"), "--csv", str(OUT / "table2.csv"))
-    command += ["--json", str(OUT / "table2.json")]
-    with open(OUT / "suite.log", "a", encoding="utf-8") as log:
+    command = kdkit("report", *map(rel, finished), "--markdown", rel(OUT / "table2.md"), "--csv", rel(OUT / "table2.csv"))
+    command += ["--json", rel(OUT / "table2.json")]
+    with open(log_path, "a", encoding="utf-8") as log:
         subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
+
+
+def publish() -> list[Path]:
+    """Copy the suite's tables and plots (not the runs) to docs/results/."""
+    DOCS.mkdir(parents=True, exist_ok=True)
+    sources = [OUT / f"table2.{ext}" for ext in ("md", "csv", "json")]
+    sources += [OUT / "unikd" / "ablate" / f"ablation.{ext}" for ext in ("md", "csv", "json", "png")]
+    sources += [OUT / "unikd" / "sweep" / f"sweep.{ext}" for ext in ("md", "csv", "json", "png")]
+    copied = []
+    for src in sources:
+        if src.is_file():
+            shutil.copy2(src, DOCS / src.name)
+            copied.append(DOCS / src.name)
+    return copied
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="table2,ablate,weighting,sweep", help="comma-separated steps to run")
-    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated steps among {', '.join(GROUPS)}")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for every step (default 1)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args()
-    wanted = set(args.only.split(","))
-    OUT.mkdir(parents=True, exist_ok=True)
-    if not args.dry_run:
-        subprocess.run([sys.executable, str(BENCH / "make_model.py")], cwd=ROOT, check=True)
+    wanted = {w.strip() for w in args.only.split(",") if w.strip()}
+    unknown = wanted - set(GROUPS)
+    if unknown:
+        parser.error(f"unknown step(s) {', '.join(sorted(unknown))}; choose among {', '.join(GROUPS)}")
     # One thread per process: on a shared 2-core machine, two OpenMP threads that wait for each other while other
-    # processes hold the cores made each step about 5x slower here (1.1 s against 0.2 s). Set them to override.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("MKL_NUM_THREADS", "1")
-    status = OUT / "suite.status"
+    # processes hold the cores made each step about 5x slower (1.1 s against 0.2 s in the first run of the suite).
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if args.dry_run:
+        for group, _, command in steps():
+            if group in wanted:
+                print(" ".join(command))
+        if "publish" in wanted:
+            print(f"copy tables and plots to {DOCS.relative_to(ROOT)}/")
+        return 0
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    status, log_path = OUT / "suite.status", OUT / "suite.log"
+
+    def note(text: str) -> None:
+        with open(status, "a", encoding="utf-8") as fh:
+            fh.write(f"{time.strftime('%H:%M:%S', time.gmtime())} UTC {text}\n")
+
     started = time.time()
     failures = 0
+    note(f"suite started: steps {','.join(g for g in GROUPS if g in wanted)}, {args.threads} thread(s)")
     for group, label, command in steps():
         if group not in wanted:
             continue
-        if args.dry_run:
-            print(" ".join(command))
-            continue
+        if label == "run strong/kd-labeled":
+            shared = share_labels_only(OUT / "kd-labeled", STRONG_OUT / "kd-labeled")
+            if shared:
+                note(f"copied {shared} finished labels-only student run(s) from runs/bench/kd-labeled")
         tick = time.time()
-        with open(status, "a", encoding="utf-8") as fh:
-            fh.write(f"{time.strftime('%H:%M:%S')} started {label}\n")
-        with open(OUT / "suite.log", "a", encoding="utf-8") as log:
+        note(f"started {label}")
+        with open(log_path, "a", encoding="utf-8") as log:
             log.write(f"\n===== {label}: {' '.join(command)}\n")
             log.flush()
             code = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
-        state = "done" if code == 0 else f"FAILED (exit {code})"
         failures += code != 0
-        with open(status, "a", encoding="utf-8") as fh:
-            fh.write(f"{time.strftime('%H:%M:%S')} {state} {label} ({time.time() - tick:.0f} s)\n")
-        report()
-    if not args.dry_run:
-        with open(status, "a", encoding="utf-8") as fh:
-            fh.write(f"{time.strftime('%H:%M:%S')} suite finished: {failures} failed, {time.time() - started:.0f} s\n")
+        note(f"{'done' if code == 0 else f'FAILED (exit {code})'} {label} ({time.time() - tick:.0f} s)")
+        report(log_path)
+    if "publish" in wanted:
+        copied = publish()
+        note(f"published {len(copied)} file(s) to {DOCS.relative_to(ROOT)}/")
+    note(f"suite finished: {failures} failed, {time.time() - started:.0f} s")
     return 1 if failures else 0
 
 
