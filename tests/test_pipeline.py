@@ -174,6 +174,7 @@ def test_teacher_key_covers_what_changes_the_weights(tmp_path: Path, base_model:
         teacher_key(cfg.model_copy(update={"learning_rate": 1e-3}), **base)[0],
         teacher_key(cfg.model_copy(update={"num_layers": 1}), **base)[0],
         teacher_key(cfg.model_copy(update={"epochs": 3.0}), **base)[0],
+        teacher_key(cfg.model_copy(update={"pooling": "mean"}), **base)[0],
     ]
     assert len(set(changed)) == len(changed) and key not in changed
     # settings that do not change the weights keep the key

@@ -136,3 +136,43 @@ def test_minilm_cut_short_has_a_nearly_constant_cls_vector_and_an_informative_me
             spread[pooling] = model.base_model(**batch).pooler_output.std(dim=0).mean().item()
     assert spread["cls"] < 0.01
     assert spread["mean"] > 10 * spread["cls"]
+
+
+def test_a_run_with_mean_pooling_caches_mean_pooled_teachers_and_saves_a_mean_pooled_student(tmp_path: Path) -> None:
+    """Through the whole pipeline: the cached teachers and the saved student say "mean" in their config.json, and
+    every cached figure is that of a mean-pooled model, recomputed here by hand, one sentence at a time."""
+    import io
+
+    from rich.console import Console
+
+    from helpers_models import quick_recipe
+    from kdkit.data import load_splits
+    from kdkit.pipeline import run_recipe
+
+    base = make_bert(tmp_path / "base", layers=2, seed=3)
+    recipe = validate_recipe(
+        quick_recipe(tmp_path, base, **{"teachers.pooling": "mean", "student.pooling": "mean", "teachers.seeds": [1]})
+    )
+    quiet = Console(file=io.StringIO())
+    results = run_recipe(recipe, recipe_path=None, console=quiet, results_console=quiet)
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from kdkit.cache import read_logits
+
+    texts = list(load_splits(recipe.data).eval["sentence"])
+    teacher_dir = Path(results["teachers"][0]["path"])
+    student_run = Path(results["student"]["runs"][0]["directory"])
+    for directory in (teacher_dir, student_run / "model"):
+        assert json.loads((directory / "config.json").read_text())[POOLING_KEY] == "mean"
+    # the only cached logit file with one row per eval sentence is the teacher's eval split
+    (teacher_eval,) = [
+        logits for file in (tmp_path / "cache" / "logits").glob("*.safetensors")
+        if (logits := read_logits(file)).shape[0] == len(texts)
+    ]
+    student_eval = read_logits(student_run / "eval_logits.safetensors")
+    for directory, cached in ((teacher_dir, teacher_eval), (student_run / "model", student_eval)):
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        model = AutoModelForSequenceClassification.from_pretrained(str(directory))  # plain transformers: [CLS]
+        expected = torch.stack([_reference_logits(model, tokenizer, text) for text in texts])
+        torch.testing.assert_close(cached.reshape(expected.shape).double(), expected, atol=1e-4, rtol=0)
