@@ -7,9 +7,12 @@ change to one of them gives a new file, and an unchanged recipe finds its logits
 atomically (temporary file + rename) and carry the SHA-256 of their tensor bytes in the safetensors
 metadata; a file that fails to parse or to match its checksum is reported and rebuilt.
 
-Predictions use length bucketing: samples are sorted by token count, cut into batches, padded only to the
-longest sample of their batch, and the logits are put back in the original order. On a GPU the forward pass
-runs under bf16 autocast (fp32 logits are stored).
+Predictions use length bucketing: samples are sorted by token count and batched by equal length, so no
+batch is padded and the attention needs no mask; a batch holds at most ``batch_size`` rows and, on a CPU, at
+most :data:`CPU_MAX_TOKENS` tokens (small batches stay in the CPU caches); the logits are put back in the
+original order. Teachers whose tokenizers are the same (same fingerprint) share one tokenization of each
+split. On a GPU the forward pass runs under bf16 autocast (fp32 logits are stored). Why each of these, with
+measurements: docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
@@ -57,13 +60,43 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
-def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices sorted by decreasing length (ties keep their order), cut into batches of ``batch_size``.
+#: Token budget of a teacher batch on a CPU (rows x padded length). Measured on one core (docs/PERFORMANCE.md):
+#: a MiniLM-L6 teacher runs ~1.35x faster in batches of about 4,096 tokens than in batches of 256 sentences of
+#: ~27 tokens (~7,000), whose activations no longer stay in the CPU caches; 1,024-8,192 are all within 3%.
+CPU_MAX_TOKENS = 4096
 
-    The longest batch comes first, so running out of memory happens at once rather than at the end.
+
+def length_buckets(
+    lengths: Sequence[int], batch_size: int, max_tokens: int | None = None, *, same_length: bool = False
+) -> list[list[int]]:
+    """Indices sorted by decreasing length (ties keep their order), cut into batches.
+
+    A batch holds at most ``batch_size`` rows and, if ``max_tokens`` is given, at most ``max_tokens`` tokens once
+    padded to its longest (first) row; a row longer than ``max_tokens`` gets a batch of its own. With
+    ``same_length`` a batch holds rows of one length only: no padding at all. The longest batch comes first, so
+    running out of memory happens at once rather than at the end.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        if current and (
+            len(current) >= batch_size
+            or (max_tokens is not None and (len(current) + 1) * lengths[current[0]] > max_tokens)
+            or (same_length and lengths[i] != lengths[current[0]])
+        ):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def default_max_tokens(device: torch.device) -> int | None:
+    """The token budget of a prediction batch when none is given: :data:`CPU_MAX_TOKENS` on a CPU, none on an
+    accelerator (there the larger the batch, the better, up to ``batch_size``)."""
+    return CPU_MAX_TOKENS if device.type == "cpu" else None
 
 
 def predict_logits(
@@ -78,14 +111,22 @@ def predict_logits(
     who: str = "model",
     split: str = "",
     on_batch: Callable[[int], None] | None = None,
+    max_tokens: int | None = None,
+    encoded: Mapping[str, Sequence[Sequence[int]]] | None = None,
 ) -> torch.Tensor:
     """``[len(dataset), num_classes]`` float32 logits of ``model`` in the dataset's row order.
 
+    :param max_tokens: also cap each batch at this many tokens (:func:`length_buckets`); ``None``:
+        :func:`default_max_tokens` for the device. Rows are batched by equal length, so nothing is padded and
+        the attention runs without a mask; the logits equal a padded forward's up to float rounding.
+    :param encoded: the split already tokenized by ``kdkit.models.encode`` with this tokenizer and
+        ``max_length`` (teachers sharing a tokenizer share it); tokenized here if not given.
     :param on_batch: called with the number of samples after each batch (progress bars).
     :raises NonFiniteLogitsError: naming ``who``, the split and the sample.
     """
     device = device or next(model.parameters()).device
-    encoded = encode(tokenizer, dataset, text_columns, max_length)
+    if encoded is None:
+        encoded = encode(tokenizer, dataset, text_columns, max_length)
     names = list(encoded)
     size = len(dataset)
     num_classes = model.config.num_labels
@@ -93,11 +134,12 @@ def predict_logits(
     if size == 0:
         return out
     lengths = [len(ids) for ids in encoded["input_ids"]]
+    budget = default_max_tokens(device) if max_tokens is None else max_tokens
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode(), _autocast(device):
-            for index in length_buckets(lengths, batch_size):
+            for index in length_buckets(lengths, batch_size, budget, same_length=True):
                 features = [{name: encoded[name][i] for name in names} for i in index]
                 batch = tokenizer.pad(features, padding=True, return_tensors="pt")
                 batch = {name: tensor.to(device) for name, tensor in batch.items()}
@@ -202,6 +244,9 @@ class CacheEntry:
 class LogitCache:
     """Teacher logits on disk under ``<cache_dir>/logits``.
 
+    ``batch_size`` caps the rows of a prediction batch, ``max_tokens`` its tokens (``None``: the device's
+    default, :func:`default_max_tokens`).
+
     >>> cache = LogitCache(cache_dir, batch_size=128)
     >>> logits = cache.teacher_logits(teachers, {"labeled": ds_l, "eval": ds_e}, ["sentence"], label_names,
     ...                               max_length=64)    # {"labeled": [rows, N, C], "eval": [...]}
@@ -212,11 +257,13 @@ class LogitCache:
         cache_dir: str | Path,
         *,
         batch_size: int = 64,
+        max_tokens: int | None = None,
         device: torch.device | None = None,
         console: Any = None,
     ) -> None:
         self.directory = Path(cache_dir) / "logits"
         self.batch_size = batch_size
+        self.max_tokens = max_tokens
         self.device = device
         self.console = console
         self.entries: list[CacheEntry] = []  #: what the last call read or built
@@ -251,6 +298,8 @@ class LogitCache:
         self.entries = []
         classes = len(label_names)
         split_hashes = {name: split_fingerprint(ds, text_columns) for name, ds in splits.items()}
+        # tokenized splits, shared by the teachers whose tokenizers are the same (same fingerprint)
+        encodings: dict[tuple[Any, ...], Mapping[str, Sequence[Sequence[int]]]] = {}
         per_teacher: list[dict[str, torch.Tensor]] = []
         for teacher in teachers:
             tokenizer = load_tokenizer(teacher.path, who=teacher.name, trust_remote_code=teacher.trust_remote_code)
@@ -273,7 +322,15 @@ class LogitCache:
                     self.entries.append(CacheEntry(teacher.name, name, self.path_for(keys[name]), built=False))
             missing = [name for name in splits if name not in found]
             if missing:
-                found.update(self._build(teacher, tokenizer, splits, missing, keys, text_columns, label_names, max_length))
+                encoded = {}
+                for name in missing:
+                    shared = (tok_hash, tuple(tokenizer.model_input_names), name)
+                    if shared not in encodings:
+                        encodings[shared] = encode(tokenizer, splits[name], text_columns, max_length)
+                    encoded[name] = encodings[shared]
+                found.update(
+                    self._build(teacher, tokenizer, splits, missing, keys, text_columns, label_names, max_length, encoded)
+                )
             per_teacher.append(found)
         return {name: torch.stack([found[name] for found in per_teacher], dim=1) for name in splits}
 
@@ -287,6 +344,7 @@ class LogitCache:
         text_columns: Sequence[str],
         label_names: Sequence[str],
         max_length: int,
+        encoded: Mapping[str, Mapping[str, Sequence[Sequence[int]]]],
     ) -> dict[str, torch.Tensor]:
         self.directory.mkdir(parents=True, exist_ok=True)
         classes = len(label_names)
@@ -329,6 +387,8 @@ class LogitCache:
                             who=teacher.name,
                             split=name,
                             on_batch=advance,
+                            max_tokens=self.max_tokens,
+                            encoded=encoded[name],
                         )
                         path = self.path_for(keys[name])
                         write_logits(path, tensor, {"teacher": teacher.name, "teacher_key": teacher.key, "split": name})

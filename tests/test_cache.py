@@ -9,8 +9,10 @@ import datasets
 import pytest
 import torch
 
-from helpers_models import make_bert, make_tokenizer, sentences
+import kdkit.cache
+from helpers_models import FILLER, POSITIVE, make_bert, make_tokenizer, sentences
 from kdkit.cache import (
+    CPU_MAX_TOKENS,
     CacheWarning,
     LogitCache,
     NonFiniteLogitsError,
@@ -51,10 +53,42 @@ def test_length_buckets_cover_every_index_once_longest_first() -> None:
     assert flat == [1, 3, 5, 4, 0, 6, 2]
 
 
-def test_bucketed_prediction_equals_one_padded_forward_in_row_order(teacher_dir: Path, split) -> None:
+def test_length_buckets_with_a_token_budget() -> None:
+    # sorted: index 1 (9), 3 (9), 5 (7), 4 (4), 0 (3), 6 (2), 2 (1); at most 3 rows and 20 padded tokens:
+    # [9, 9] (a third row would make 27), [7, 4] (21 with a third), [3, 2, 1] (the row limit)
+    assert length_buckets([3, 9, 1, 9, 4, 7, 2], 3, max_tokens=20) == [[1, 3], [5, 4], [0, 6, 2]]
+    # a row longer than the budget still gets a batch, alone
+    assert length_buckets([30, 5, 6], 8, max_tokens=20) == [[0], [2, 1]]
+    # short rows fill a batch up to batch_size, whatever the budget left
+    assert length_buckets([2] * 7, 4, max_tokens=1000) == [[0, 1, 2, 3], [4, 5, 6]]
+
+
+def test_length_buckets_of_one_length_each() -> None:
+    lengths = [3, 9, 1, 9, 4, 3, 3, 3, 9]
+    # lengths 9 (rows 1, 3, 8), 4 (row 4), 3 (rows 0, 5, 6, 7), 1 (row 2); at most 3 rows, at most 9 tokens
+    assert length_buckets(lengths, 3, same_length=True) == [[1, 3, 8], [4], [0, 5, 6], [7], [2]]
+    assert length_buckets(lengths, 3, max_tokens=9, same_length=True) == [[1], [3], [8], [4], [0, 5, 6], [7], [2]]
+
+
+@pytest.mark.parametrize("max_tokens", [None, 30, 10_000])
+def test_bucketed_prediction_equals_one_padded_forward_in_row_order(teacher_dir: Path, split, max_tokens) -> None:
     tokenizer = load_tokenizer(str(teacher_dir), who="t")
     model = load_classifier(str(teacher_dir), label_names=LABELS, who="t", fine_tuned=True)
-    got = predict_logits(model, tokenizer, split, ["sentence"], max_length=12, batch_size=4)
+    shapes: list[tuple[int, int]] = []
+
+    def record(module, args, kwargs):
+        mask = kwargs["attention_mask"]
+        assert bool(mask.all()), "a prediction batch was padded"
+        shapes.append(tuple(mask.shape))
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    got = predict_logits(model, tokenizer, split, ["sentence"], max_length=12, batch_size=4, max_tokens=max_tokens)
+    hook.remove()
+    assert sum(rows for rows, _ in shapes) == len(split)
+    budget = CPU_MAX_TOKENS if max_tokens is None else max_tokens
+    assert all(rows <= 4 and (rows == 1 or rows * length <= budget) for rows, length in shapes)
+    if max_tokens == 30:  # some batches were cut by the budget: 3 rows of 12 tokens would be 36
+        assert max(rows for rows, length in shapes if length == 12) == 2
 
     # reference: every row in one batch padded to the longest row, float64, no sorting
     reference_model = load_classifier(str(teacher_dir), label_names=LABELS, who="t", fine_tuned=True).double().eval()
@@ -68,6 +102,50 @@ def test_bucketed_prediction_equals_one_padded_forward_in_row_order(teacher_dir:
     model.train()
     predict_logits(model, tokenizer, split.select(range(5)), ["sentence"], max_length=12, batch_size=4)
     assert model.training
+
+
+def _one_padded_forward(directory: Path, texts: list[str], max_length: int) -> torch.Tensor:
+    """Reference logits: a fresh copy of the model in float64, every text in one batch, no sorting."""
+    tokenizer = load_tokenizer(str(directory), who="t")
+    model = load_classifier(str(directory), label_names=LABELS, who="t", fine_tuned=True).double().eval()
+    enc = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**enc).logits
+
+
+def test_teachers_with_the_same_tokenizer_share_one_tokenization(
+    tmp_path: Path, teacher_dir: Path, split, monkeypatch
+) -> None:
+    twin = make_bert(tmp_path / "twin", layers=2, num_labels=3, label_names=LABELS, seed=4)  # same tokenizer
+    odd = make_bert(tmp_path / "odd", layers=2, num_labels=3, label_names=LABELS, seed=5)
+    # another vocabulary (no negative words: they become [UNK]), so another fingerprint
+    make_tokenizer(odd, texts=[" ".join(POSITIVE + FILLER)])
+    assert tokenizer_fingerprint(load_tokenizer(str(odd), who="o")) != tokenizer_fingerprint(
+        load_tokenizer(str(twin), who="t")
+    )
+    calls: list[int] = []
+    real_encode = kdkit.cache.encode
+
+    def counting_encode(tokenizer, dataset, *args, **kwargs):
+        calls.append(len(dataset))
+        return real_encode(tokenizer, dataset, *args, **kwargs)
+
+    monkeypatch.setattr("kdkit.cache.encode", counting_encode)
+    teachers = [
+        TeacherRef(name="t1", key="k-1", path=str(teacher_dir)),
+        TeacherRef(name="t2", key="k-2", path=str(twin)),
+        TeacherRef(name="t3", key="k-3", path=str(odd)),
+    ]
+    splits = {"labeled": split.select(range(30)), "eval": split.select(range(30, 45))}
+    got = LogitCache(tmp_path / "cache", batch_size=8, max_tokens=40).teacher_logits(
+        teachers, splits, ["sentence"], LABELS, max_length=12
+    )
+    # one tokenization per split for t1 and t2 together, one per split for t3
+    assert sorted(calls) == [15, 15, 30, 30]
+    for i, directory in enumerate([teacher_dir, twin, odd]):
+        for name, ds in splits.items():
+            expected = _one_padded_forward(directory, list(ds["sentence"]), 12)
+            torch.testing.assert_close(got[name][:, i].double(), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_non_finite_logits_name_the_teacher_and_the_sample(teacher_dir: Path, split) -> None:
