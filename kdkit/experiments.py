@@ -318,12 +318,17 @@ def bar_chart(
             ax.set_ylim(max(0.0, low - margin), min(100.0, high + margin))
         if references:
             ax.legend(loc="lower right", fontsize=8)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        return _save(fig, path)
     finally:
         plt.close(fig)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    """Write a figure as a PNG, making its folder first."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
     return path
 
 
@@ -443,13 +448,9 @@ def line_plot(
         ax.set_title(title, fontsize=10)
         if references or len(series) > 1:
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        return _save(fig, path)
     finally:
         plt.close(fig)
-    return path
 
 
 def sweep(

@@ -212,39 +212,30 @@ def _run(
         }
 
     eval_labels = torch.as_tensor(list(splits.eval["label"]), dtype=torch.long)
-    for seed in recipe.seeds:
-        tag = student_config_hash(recipe, {**distill_extra, "seed": seed})
-        run = train_student(
+
+    def train(kind: str, dataset: EncodedDataset, seed: int, tag: str, **extra: Any) -> StudentRun:
+        return train_student(
             recipe,
             tokenizer=tokenizer,
-            dataset=distill_data,
+            dataset=dataset,
             eval_split=splits.eval,
             text_columns=text_columns,
             label_names=label_names,
             seed=seed,
-            kind="distilled",
-            directory=run_dir / "students" / f"distilled-seed{seed}-{tag}",
-            teacher_logits=distill_logits,
-            loss_fn=loss_fn,
+            kind=kind,
+            directory=run_dir / "students" / f"{kind}-seed{seed}-{tag}",
             console=console,
+            **extra,
         )
+
+    for seed in recipe.seeds:
+        tag = student_config_hash(recipe, {**distill_extra, "seed": seed})
+        run = train("distilled", distill_data, seed, tag, teacher_logits=distill_logits, loss_fn=loss_fn)
         students.append(run)
         _report_run(console, "student", run, classification_metrics(run.eval_logits, eval_labels))
         if recipe.student.label_only_baseline:
             tag = student_config_hash(recipe, {**common, "kind": "labels-only", "seed": seed, "max_steps": run.steps})
-            base = train_student(
-                recipe,
-                tokenizer=tokenizer,
-                dataset=baseline_data,
-                eval_split=splits.eval,
-                text_columns=text_columns,
-                label_names=label_names,
-                seed=seed,
-                kind="labels-only",
-                directory=run_dir / "students" / f"labels-only-seed{seed}-{tag}",
-                max_steps=run.steps,
-                console=console,
-            )
+            base = train("labels-only", baseline_data, seed, tag, max_steps=run.steps)
             if base.steps != run.steps:
                 raise KdkitError(
                     f"the labels-only student ran {base.steps} optimizer steps, the distilled one {run.steps} "
