@@ -22,6 +22,8 @@ Steps, in this order (``--only`` picks some, comma-separated):
 * ``ablate``: ``kdkit ablate recipes/bench/unikd.toml``;
 * ``weighting``: ``kdkit run`` on the two other ``teacher_weighting`` variants of Eq. 1;
 * ``sweep``: ``kdkit sweep recipes/bench/unikd.toml --set plugins.unikd-disagreement.lambda=0,1,5,10,15,20``;
+* ``teachers``: how much the teachers of each column differ (reads the cached teacher logits, trains nothing):
+  runs/bench/teachers.md;
 * ``publish``: copy the tables and plots to docs/results/.
 
 The labels-only student does not depend on the teachers: its run folder is named by a hash of its own settings
@@ -53,7 +55,7 @@ DOCS = ROOT / "docs" / "results"
 TABLE2 = ["kd-labeled", "aekd", "kd-unlabeled", "unikd"]
 WEIGHTING = ["unikd-softmax-neg-loss", "unikd-as-printed"]
 LAMBDAS = "0,1,5,10,15,20"
-GROUPS = ["table2", "strong", "ablate", "weighting", "sweep", "publish"]
+GROUPS = ["table2", "strong", "ablate", "weighting", "sweep", "teachers", "publish"]
 
 
 def kdkit(*args: str) -> list[str]:
@@ -117,10 +119,71 @@ def report(log_path: Path) -> None:
         subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
 
 
+def teacher_diagnostics() -> str:
+    """A Markdown table of how much each column's teachers differ, from their cached logits (nothing is trained:
+    a column whose run has not finished is skipped). Per column: the teachers' mean accuracy, the ensemble's,
+    the share of eval sentences that at least one teacher gets right (the ceiling of any weighting), the mean
+    share of eval sentences on which two teachers disagree, and on the unlabeled half the mean pairwise KL
+    disagreement L_p of UniKD Eq. 4 with the sample weight s = 1 + 10 L_p it gives (Eq. 5, lambda 10) computed by
+    the unikd-disagreement plugin through kdkit's public DistillationLoss."""
+    import torch
+
+    from kdkit import DistillationLoss
+    from kdkit.cache import LogitCache
+    from kdkit.data import load_splits
+    from kdkit.recipe import load_recipe
+    from kdkit.teachers import prepare_teachers
+
+    header = [
+        "teachers", "mean teacher", "ensemble", "ensemble - mean", "any teacher right", "pairwise disagreement (eval)",
+        "mean L_p (unlabeled)", "s = 1 + 10 L_p: mean / 90th pct / max",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    columns = [(BENCH / "unikd.toml", OUT / "unikd"), (STRONG / "unikd.toml", STRONG_OUT / "unikd")]
+    for recipe_file, run_dir in columns:
+        if not (run_dir / "results.json").is_file():
+            continue
+        recipe = load_recipe(recipe_file)
+        splits = load_splits(recipe.data, need_unlabeled=True)
+        teachers = prepare_teachers(
+            recipe.teachers, cache_dir=recipe.cache_dir, labeled=splits.labeled, text_columns=list(splits.text_columns),
+            label_names=list(splits.label_names), max_length=recipe.data.max_length,
+        )
+        if any(t.trained_now for t in teachers):
+            raise RuntimeError(f"{recipe_file}: a teacher was not in the cache")
+        logits = LogitCache(recipe.cache_dir, batch_size=recipe.teachers.eval_batch_size).teacher_logits(
+            teachers, {"unlabeled": splits.unlabeled, "eval": splits.eval}, list(splits.text_columns),
+            list(splits.label_names), max_length=recipe.data.max_length,
+        )
+        gold = torch.as_tensor(list(splits.eval["label"]))
+        probs = torch.softmax(logits["eval"].double(), dim=-1)  # [rows, N, C]
+        right = probs.argmax(-1) == gold[:, None]  # [rows, N]
+        n = right.shape[1]
+        ensemble = (probs.mean(1).argmax(-1) == gold).double().mean().item()
+        preds = probs.argmax(-1)
+        pairs = [(preds[:, i] != preds[:, j]).double().mean().item() for i in range(n) for j in range(i + 1, n)]
+        unlabeled = logits["unlabeled"]
+        loss = DistillationLoss.from_plugins({"unikd-disagreement": {"lambda": 10.0}}, on=["unlabeled"])
+        weights = loss(
+            torch.zeros(unlabeled.shape[0], unlabeled.shape[2]), unlabeled, torch.full((unlabeled.shape[0],), -100)
+        ).sample_weights.double()
+        mean_teacher = right.double().mean().item()
+        cells = [
+            f"{n} x {recipe.teachers.num_layers}-layer MiniLM", f"{100 * mean_teacher:.2f}", f"{100 * ensemble:.2f}",
+            f"{100 * (ensemble - mean_teacher):+.2f}", f"{100 * right.any(1).double().mean().item():.2f}",
+            f"{100 * sum(pairs) / len(pairs):.2f} %", f"{((weights - 1) / 10).mean().item():.4f}",
+            f"{weights.mean().item():.2f} / {torch.quantile(weights, 0.9).item():.2f} / {weights.max().item():.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    (OUT / "teachers.md").write_text(text, encoding="utf-8")
+    return text
+
+
 def publish() -> list[Path]:
     """Copy the suite's tables and plots (not the runs) to docs/results/."""
     DOCS.mkdir(parents=True, exist_ok=True)
-    sources = [OUT / f"table2.{ext}" for ext in ("md", "csv", "json")]
+    sources = [OUT / f"table2.{ext}" for ext in ("md", "csv", "json")] + [OUT / "teachers.md"]
     sources += [OUT / "unikd" / "ablate" / f"ablation.{ext}" for ext in ("md", "csv", "json", "png")]
     sources += [OUT / "unikd" / "sweep" / f"sweep.{ext}" for ext in ("md", "csv", "json", "png")]
     copied = []
@@ -137,6 +200,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for every step (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args()
+    os.chdir(ROOT)  # recipes name their data, outputs and cache relative to the repository root
     wanted = {w.strip() for w in args.only.split(",") if w.strip()}
     unknown = wanted - set(GROUPS)
     if unknown:
@@ -150,6 +214,8 @@ def main() -> int:
         for group, _, command in steps():
             if group in wanted:
                 print(" ".join(command))
+        if "teachers" in wanted:
+            print("teacher diagnostics from the cached logits -> runs/bench/teachers.md")
         if "publish" in wanted:
             print(f"copy tables and plots to {DOCS.relative_to(ROOT)}/")
         return 0
@@ -180,6 +246,13 @@ def main() -> int:
         failures += code != 0
         note(f"{'done' if code == 0 else f'FAILED (exit {code})'} {label} ({time.time() - tick:.0f} s)")
         report(log_path)
+    if "teachers" in wanted:
+        try:
+            teacher_diagnostics()
+            note("teacher diagnostics: runs/bench/teachers.md")
+        except Exception as exc:  # a diagnostic must not hide the suite's results
+            failures += 1
+            note(f"FAILED teacher diagnostics: {exc!r}")
     if "publish" in wanted:
         copied = publish()
         note(f"published {len(copied)} file(s) to {DOCS.relative_to(ROOT)}/")
