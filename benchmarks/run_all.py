@@ -58,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-textbrewer", action="store_true", help="leave TextBrewer out of the end to end")
     parser.add_argument("--no-ablation", action="store_true", help="leave the 5-variant ablation out")
+    parser.add_argument(
+        "--e2e-sides",
+        nargs="+",
+        choices=("naive", "kdkit", "textbrewer", "textbrewer-cached"),
+        help="sides of the end-to-end table, in this order (default: naive kdkit textbrewer)",
+    )
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -141,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
             from benchmarks import bench_e2e
 
             report = bench_e2e.run(
-                sizes, rounds=args.e2e_rounds, textbrewer=not args.no_textbrewer, ablation=not args.no_ablation
+                sizes,
+                rounds=args.e2e_rounds,
+                textbrewer=not args.no_textbrewer,
+                ablation=not args.no_ablation,
+                sides=args.e2e_sides,
             )
         info["benchmarks"][bench] = {
             "seconds": time.perf_counter() - start,
