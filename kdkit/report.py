@@ -199,7 +199,9 @@ class Run:
             model = model.get("package", "model")
         model = str(model or "checkpoints").rstrip("/").split("/")[-1]
         layers = teachers.get("num_layers")
-        return f"{len(self.results['teachers'])} x {model}" + (f" ({layers} layers)" if layers else "")
+        return f"{len(self.results['teachers'])} x {model}" + (
+            f" ({layers} layer{'' if layers == 1 else 's'})" if layers else ""
+        )
 
 
 def load_run(directory: str | Path) -> Run:

@@ -60,6 +60,7 @@ def _write_run(
     steps: int = 60,
     labels_only: list[float] | None = None,
     train_file: str = ".data/polarity/train.jsonl",
+    num_layers: int = 1,
 ) -> Path:
     directory = root / name
     directory.mkdir(parents=True)
@@ -86,7 +87,10 @@ def _write_run(
         "labels_only": runs(labels_only) if labels_only else None,
     }
     (directory / "results.json").write_text(json.dumps(results))
-    recipe = {"data": {"files": {"train": train_file}, "train_split": "train"}, "teachers": {"num_layers": 1}}
+    recipe = {
+        "data": {"files": {"train": train_file}, "train_split": "train"},
+        "teachers": {"model": {"package": "minilm_pkg", "path": "model"}, "num_layers": num_layers},
+    }
     (directory / "recipe.resolved.json").write_text(json.dumps(recipe))
     return directory
 
@@ -134,6 +138,25 @@ def test_table_two_layout_values_and_best_row(tmp_path: Path) -> None:
     unikd_row = next(r for r in rows if r["model"] == "unikd")
     assert unikd_row["data"] == "polarity" and unikd_row["best"] == "yes" and unikd_row["n"] == "3"
     assert float(unikd_row["mean"]) == pytest.approx(0.79)
+
+
+def test_same_data_other_teachers_is_a_column_named_by_its_teachers(tmp_path: Path) -> None:
+    # the reproduction suite's two columns: one dataset, 1-layer and 3-layer teachers (other teacher keys)
+    shallow = _write_run(tmp_path / "a", "unikd", [0.70, 0.71], fingerprint="fp", num_layers=1)
+    deep = _write_run(tmp_path / "b", "unikd", [0.72, 0.73], fingerprint="fp", num_layers=3)
+    # other teacher keys, same data fingerprint
+    results = json.loads((deep / "results.json").read_text())
+    for teacher in results["teachers"]:
+        teacher["key"] += "-deep"
+    (deep / "results.json").write_text(json.dumps(results))
+
+    report = build_report([load_run(shallow), load_run(deep)])
+
+    assert [c.label for c in report.columns] == [
+        "polarity, teachers 3 x minilm_pkg (1 layer)",
+        "polarity, teachers 3 x minilm_pkg (3 layers)",
+    ]
+    assert [r.label for r in report.rows].count("unikd") == 1  # one row, a cell in each column
 
 
 def test_no_star_inside_the_noise(tmp_path: Path) -> None:
