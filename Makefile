@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdkit-installed
 
-.PHONY: setup data quickstart test bench clean-venv
+.PHONY: setup data quickstart test clean-venv
 .DEFAULT_GOAL := test
 
 setup: $(STAMP)
