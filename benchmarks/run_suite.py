@@ -22,6 +22,9 @@ Steps, in this order (``--only`` picks some, comma-separated):
 * ``ablate``: ``kdkit ablate recipes/bench/unikd.toml``;
 * ``weighting``: ``kdkit run`` on the two other ``teacher_weighting`` variants of Eq. 1;
 * ``sweep``: ``kdkit sweep recipes/bench/unikd.toml --set plugins.unikd-disagreement.lambda=0,1,5,10,15,20``;
+* ``long``: UniKD and the labels-only student at 360 steps instead of 120 (``kdkit run recipes/bench/unikd.toml
+  --set student.max_steps=360 --set student.label_only_baseline=true``, outputs in runs/bench-long/): does the
+  comparison change when the students train longer?
 * ``teachers``: how much the teachers of each column differ (reads the cached teacher logits, trains nothing):
   runs/bench/teachers.md;
 * ``publish``: copy the tables and plots to docs/results/.
@@ -55,7 +58,9 @@ DOCS = ROOT / "docs" / "results"
 TABLE2 = ["kd-labeled", "aekd", "kd-unlabeled", "unikd"]
 WEIGHTING = ["unikd-softmax-neg-loss", "unikd-as-printed"]
 LAMBDAS = "0,1,5,10,15,20"
-GROUPS = ["table2", "strong", "ablate", "weighting", "sweep", "teachers", "publish"]
+LONG_OUT = ROOT / "runs" / "bench-long"
+LONG_STEPS = 360
+GROUPS = ["table2", "strong", "ablate", "weighting", "sweep", "long", "teachers", "publish"]
 
 
 def kdkit(*args: str) -> list[str]:
@@ -96,6 +101,16 @@ def steps() -> list[tuple[str, str, list[str]]]:
             "sweep",
             "sweep lambda",
             kdkit("sweep", rel(BENCH / "unikd.toml"), "--set", f"plugins.unikd-disagreement.lambda={LAMBDAS}"),
+        )
+    )
+    plan.append(
+        (
+            "long",
+            f"run unikd and labels only, {LONG_STEPS} steps",
+            kdkit(
+                "run", rel(BENCH / "unikd.toml"), "--set", f"student.max_steps={LONG_STEPS}",
+                "--set", "student.label_only_baseline=true", "--set", f'output_dir="{rel(LONG_OUT)}"',
+            ),
         )
     )
     return plan
