@@ -31,12 +31,9 @@ def bare_loop(teachers: Any, texts: list[str], max_length: int, batch_size: int)
 
     On a GPU it runs there under bf16 autocast, as kdkit's cache build does; on a CPU in float32, as kdkit.
     """
-    import contextlib
-
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+    device = common.device()
     per_teacher = []
     for ref in teachers:
         tok = AutoTokenizer.from_pretrained(ref.path)
@@ -44,8 +41,7 @@ def bare_loop(teachers: Any, texts: list[str], max_length: int, batch_size: int)
         model.eval()
         enc = tok(texts, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
         out = []
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), common.autocast(device):
             for start in range(0, len(texts), batch_size):
                 batch = {k: v[start : start + batch_size].to(device) for k, v in enc.items()}
                 out.append(model(**batch).logits.float().cpu())
@@ -65,17 +61,18 @@ def kdkit_build(teachers: Any, ds: Any, classes: int, max_length: int, batch_siz
     return out["labeled"]
 
 
-def padded_tokens(texts: list[str], max_length: int, batch_size: int) -> tuple[int, int, float, int]:
+def padded_tokens(texts: list[str], max_length: int, batch_size: int) -> tuple[int, int, float, int, int | None]:
     """Tokens the forward passes see (padded to max_length; kdkit's batches, which are never padded), the mean
-    sentence length and the number of kdkit's batches on this machine (``kdkit.cache.predict_logits``'s rule)."""
+    sentence length, the number of kdkit's batches on this machine and their token budget
+    (``kdkit.cache.predict_logits``'s rule)."""
     from kdkit.cache import default_max_tokens, length_buckets
 
     tok = common.tokenizer()
     lengths = [len(ids) for ids in tok(texts, truncation=True, max_length=max_length)["input_ids"]]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    batches = length_buckets(lengths, batch_size, default_max_tokens(device), same_length=True)
+    budget = default_max_tokens(common.device())
+    batches = length_buckets(lengths, batch_size, budget, same_length=True)
     bucketed = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    return len(texts) * max_length, bucketed, statistics.mean(lengths), len(batches)
+    return len(texts) * max_length, bucketed, statistics.mean(lengths), len(batches), budget
 
 
 def run(sizes: Sizes, teachers: int | None = None, samples: int | None = None, rounds: int | None = None) -> Report:
@@ -86,7 +83,7 @@ def run(sizes: Sizes, teachers: int | None = None, samples: int | None = None, r
     texts, labels, source = common.sentences(count, seed=2)
     refs = bench_models.teacher_checkpoints(n, sizes.classes)
     ds = bench_models.dataset(texts, labels)
-    full, bucketed, mean_len, kd_batches = padded_tokens(texts, sizes.seq, sizes.cache_batch)
+    full, bucketed, mean_len, kd_batches, budget = padded_tokens(texts, sizes.seq, sizes.cache_batch)
 
     # the two give the same logits (up to the padding's effect on float rounding)
     check_texts = texts[: min(64, count)]
@@ -120,17 +117,11 @@ def run(sizes: Sizes, teachers: int | None = None, samples: int | None = None, r
         f"{sizes.seq}), batch {sizes.cache_batch}, {rounds} interleaved rounds, each a full build. Tokens through the "
         f"model per teacher: {full} padded to {sizes.seq} ({-(-count // sizes.cache_batch)} batches), {bucketed} in kdkit's "
         f"batches of one length each ({bucketed / full:.0%}; {kd_batches} batches of at most {sizes.cache_batch} rows"
-        f"{' and ' + str(_budget()) + ' tokens' if _budget() else ''}). Largest logit difference between the two on 64 "
+        f"{f' and {budget} tokens' if budget else ''}). Largest logit difference between the two on 64 "
         f"sentences: {max_diff:.1e}.\n\n"
         + common.time_table(rows, "median build", extra_cols=["per teacher", "sentences/s"])
     )
     return report
-
-
-def _budget() -> int | None:
-    from kdkit.cache import default_max_tokens
-
-    return default_max_tokens(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _timed(fn: Any, *args: Any) -> float:

@@ -11,7 +11,8 @@ of epochs. Timed from "teacher checkpoints on disk, student built" to "student t
 * ``TextBrewer``: ``MultiTeacherDistiller`` (optional; ``pip install --no-deps --target /tmp/textbrewer
   textbrewer``), its own training loop, averaged soft targets (its only multi-teacher scheme) + the hard-label
   loss, no TensorBoard, one checkpoint at the end;
-* ``TextBrewer, is_caching_logits`` (``--e2e-variants ... textbrewer-cached``; not in the default run):
+* ``TextBrewer, is_caching_logits`` (``--sides textbrewer-cached kdkit``, or ``--e2e-sides ...`` in
+  ``benchmarks.run_all``; not in the default run):
   TextBrewer's own in-memory logit cache: before training it runs the teachers once over the training batches
   and keeps those batches with their logits; every epoch then reshuffles the same batches.
 
@@ -173,7 +174,6 @@ def textbrewer_available() -> str | None:
 
 
 def textbrewer_e2e(d: E2EData, caching: bool = False) -> dict[str, float]:
-    import contextlib
     import logging
 
     from textbrewer import DistillationConfig, MultiTeacherDistiller, TrainingConfig
@@ -182,7 +182,7 @@ def textbrewer_e2e(d: E2EData, caching: bool = False) -> dict[str, float]:
     from kdkit.student import EncodedDataset, KDCollator
 
     logging.getLogger("Distillation").setLevel(logging.WARNING)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = common.device()
     start = common.now()
     teachers = [t.to(device) for t in load_teachers(d)]
     student = d.student_model().to(device)
@@ -203,7 +203,7 @@ def textbrewer_e2e(d: E2EData, caching: bool = False) -> dict[str, float]:
 
     out_dir = bench_models.fresh_dir("e2e-textbrewer")
     train_config = TrainingConfig(
-        device=device, output_dir=str(out_dir), log_dir=None, ckpt_frequency=1, ckpt_epoch_frequency=10_000
+        device=str(device), output_dir=str(out_dir), log_dir=None, ckpt_frequency=1, ckpt_epoch_frequency=10_000
     )
     distill_config = DistillationConfig(
         temperature=1.0, kd_loss_type="ce", hard_label_weight=1.0, kd_loss_weight=1.0, is_caching_logits=caching
@@ -211,8 +211,7 @@ def textbrewer_e2e(d: E2EData, caching: bool = False) -> dict[str, float]:
     distiller = MultiTeacherDistiller(train_config, distill_config, teachers, student, adaptor_t, adaptor_s)
     optimizer = torch.optim.AdamW(student.parameters(), lr=2e-5)
     steps = len(loader) * d.sizes.epochs
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
-    with distiller, autocast:
+    with distiller, common.autocast(device):
         distiller.train(
             optimizer,
             loader,

@@ -165,6 +165,21 @@ def encode(texts: Sequence[str], max_length: int, padding: str | bool = "max_len
     return dict(enc)
 
 
+def device() -> torch.device:
+    """Where every side of a benchmark runs: the GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(where: torch.device) -> Any:
+    """bf16 autocast on a GPU that supports it, nothing elsewhere: the rule of kdkit's cache build, so that a
+    reference loop and kdkit run at the same precision."""
+    import contextlib
+
+    if where.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 # --------------------------------------------------------------------------- timing
 def now() -> float:
     return time.perf_counter()
