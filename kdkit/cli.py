@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,11 +20,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from kdkit import __version__
-from kdkit.errors import KdkitError
-from kdkit.manager import discover_plugins
-from kdkit.recipe import Recipe, load_recipe, parse_override, recipe_json_schema
-from kdkit.utils import is_main_process
+from kdkit._version import __version__
+from kdkit.errors import KdkitError, KdkitWarning
+from kdkit.plugin.registry import discover_plugins
+from kdkit.recipe.jsonschema import recipe_json_schema
+from kdkit.recipe.load import load_recipe, parse_overrides
+from kdkit.recipe.schema import Recipe
+from kdkit.runtime import is_main_process
+from kdkit.stages.preflight import preflight
 
 app = typer.Typer(
     name="kdkit",
@@ -76,12 +80,7 @@ INTERRUPTED = 130
 
 
 def _load(recipe: Path, overrides: Sequence[str]) -> Recipe:
-    values: dict[str, Any] = {}
-    for expression in overrides:
-        key, value = parse_override(expression)
-        values.pop(key, None)  # a later --set of the same key wins and is applied last
-        values[key] = value
-    return load_recipe(recipe, overrides=values)
+    return load_recipe(recipe, overrides=parse_overrides(overrides))
 
 
 def _version(value: bool) -> None:
@@ -116,9 +115,11 @@ def _root(
 
 @app.command()
 def validate(recipe: RecipeArg, set_: SetOption = []) -> None:  # noqa: B006 (typer reads the default)
-    """Check a recipe as a whole (keys, types, plugins and their options) without touching data or models."""
+    """Check a recipe as a whole (keys, types, plugins and their options, output folders, model references and
+    their config.json where local) without reading data or loading a model."""
     with _user_errors():
         loaded = _load(recipe, set_)
+        preflight(loaded, source=str(recipe), hub_needed="skip", launched=False)
     enabled = list(loaded.enabled_plugins())
     count = f"{len(enabled)} plugin{'s' if len(enabled) != 1 else ''} enabled"
     detail = f": {', '.join(enabled)}" if enabled else ""
@@ -130,14 +131,20 @@ def run(
     recipe: RecipeArg,
     set_: SetOption = [],  # noqa: B006
     as_json: Annotated[bool, typer.Option("--json", help="print the results as JSON on stdout")] = False,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="train the students again; teachers and teacher outputs are still reused")
+    ] = False,
 ) -> None:
     """Run a recipe: data, teachers, teacher logits, student, evaluation; writes results.json."""
     with _user_errors():
         loaded = _load(recipe, set_)
-        from kdkit.pipeline import run_recipe  # heavy (torch, transformers, datasets): only when running
+        from kdkit.stages.run import run_recipe  # heavy (transformers, datasets): only when running
 
         # the pipeline prints its results table on stdout; with --json, stdout holds the JSON document only
-        results = run_recipe(loaded, recipe_path=recipe, console=stderr_console(), print_table=not as_json)
+        options = {"fresh": True} if fresh else {}
+        results = run_recipe(
+            loaded, recipe_path=recipe, console=stderr_console(), print_table=not as_json, **options
+        )
     if as_json and is_main_process():  # under torchrun, one document from rank 0
         typer.echo(json.dumps(results, indent=2, default=str))
 
@@ -160,15 +167,16 @@ def schema() -> None:
 def plugins(
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON list instead of a table")] = False,
 ) -> None:
-    """List the installed plugins: name, version, hooks, distribution and load status (ok, failed, blocked)."""
+    """List the installed plugins: name, version, hooks, the streams whose teacher weights each sets, distribution
+    and load status (ok, failed, blocked)."""
     registry = discover_plugins()
     records = sorted(registry.records.values(), key=lambda r: r.name)
     if as_json:
         typer.echo(json.dumps([r.as_dict() for r in records], indent=2))
         return
     table = Table(title=None, show_lines=False)
-    for column in ("name", "version", "hooks", "distribution", "status", "error"):
-        table.add_column(column, overflow="fold", no_wrap=column not in ("hooks", "error"))
+    for column in ("name", "version", "hooks", "streams", "distribution", "status", "error"):
+        table.add_column(column, overflow="fold", no_wrap=column not in ("hooks", "streams", "error"))
     colours = {"ok": "green", "failed": "red", "blocked": "yellow"}
     for r in records:
         hooks = ", ".join(h.removeprefix("kdkit_") for h in r.hooks)
@@ -176,6 +184,7 @@ def plugins(
             Text(r.name),
             Text(r.version),
             Text(hooks),
+            Text(r.streams),
             Text(r.distribution),
             Text(r.status, style=colours.get(r.status, "")),
             Text(r.error),
@@ -190,17 +199,14 @@ def plugins(
 
 
 MetricOption = Annotated[
-    str, typer.Option("--metric", help="metric of the table and plot: accuracy, f1 or macro_f1")
+    str | None,
+    typer.Option(
+        "--metric",
+        help="metric of the table and plot: accuracy, f1 or macro_f1; perplexity or accuracy (next token) for "
+        "causal-lm runs [default: accuracy; perplexity for causal-lm]",
+        show_default=False,
+    ),
 ]
-
-
-def _fixed_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for expression in overrides:
-        key, value = parse_override(expression)
-        values.pop(key, None)
-        values[key] = value
-    return values
 
 
 def _print_outputs(files: dict[str, Path]) -> None:
@@ -212,15 +218,15 @@ def _print_outputs(files: dict[str, Path]) -> None:
 def ablate(
     recipe: RecipeArg,
     set_: SetOption = [],  # noqa: B006
-    metric: MetricOption = "accuracy",
+    metric: MetricOption = None,
 ) -> None:
     """Run a recipe as written, once with each enabled plugin switched off and (when it distills on both streams)
     on each stream alone; over the recipe's seeds, reusing teachers and logits. Writes a table and a bar chart
     to <output_dir>/<name>/ablate/."""
     with _user_errors():
-        fixed = _fixed_overrides(set_)
+        fixed = parse_overrides(set_)
         loaded = load_recipe(recipe, overrides=fixed)
-        from kdkit.experiments import ablate as run_ablation
+        from kdkit.experiments.variants import ablate as run_ablation
 
         exp = run_ablation(loaded, recipe_path=recipe, console=stderr_console(), fixed=fixed, metric=metric)
     stdout_console().print(exp.table(title=f"{loaded.name}: ablation"))
@@ -242,13 +248,13 @@ def sweep(
             show_default=False,
         ),
     ] = [],  # noqa: B006
-    metric: MetricOption = "accuracy",
+    metric: MetricOption = None,
 ) -> None:
     """Run a recipe at every value (or every combination of values) of the swept keys; writes a table and a line
     plot with error bars to <output_dir>/<name>/sweep/."""
     with _user_errors():
-        from kdkit.experiments import parse_sweep
-        from kdkit.experiments import sweep as run_sweep
+        from kdkit.experiments.variants import parse_sweep
+        from kdkit.experiments.variants import sweep as run_sweep
 
         axes, fixed = parse_sweep(set_)
         loaded = load_recipe(recipe, overrides=fixed)
@@ -265,13 +271,14 @@ def report(
     markdown: Annotated[Path | None, typer.Option("--markdown", help="write the tables as Markdown here")] = None,
     csv: Annotated[Path | None, typer.Option("--csv", help="write one line per row and data set as CSV here")] = None,
     as_json: Annotated[Path | None, typer.Option("--json", help="write every figure and test as JSON here")] = None,
-    metric: MetricOption = "accuracy",
+    metric: MetricOption = None,
     alpha: Annotated[float, typer.Option("--alpha", help="significance level of the t-tests")] = 0.05,
 ) -> None:
     """Collect finished runs into the paper's Table 2 layout (single teacher, ensemble, one row per method; one
     column per data set), mean ± std over student seeds, with Student's t-test between every two methods."""
     with _user_errors():
-        from kdkit.report import report_runs, rich_table, write_text
+        from kdkit.experiments.report import report_runs
+        from kdkit.experiments.tables import rich_table, write_text
 
         if not 0 < alpha < 1:
             raise KdkitError(f"--alpha must be between 0 and 1, got {alpha}")
@@ -279,8 +286,8 @@ def report(
         console = stdout_console()
         if not console.is_terminal:
             console.width = 10_000
-        console.print(rich_table(result.header(), result.body(), title=f"{metric} (%), mean ± std over seeds"))
-        for line in result.noise_lines():
+        console.print(rich_table(result.header(), result.body(), title=result.caption()))
+        for line in result.protocol_lines() + result.noise_lines():
             console.print(Text(line))
         if result.tests:
             console.print(rich_table(result.test_header(), result.test_body(), title="Student's t-test, two-sided"))
@@ -295,6 +302,9 @@ def report(
 # --------------------------------------------------------------------------- entry point
 def main(argv: Sequence[str] | None = None) -> None:
     """The ``kdkit`` console script."""
+    # kdkit's own warnings reach the console through the stages, once each; as Python warnings too they would
+    # print a second time, with a source line nobody asked for
+    warnings.filterwarnings("ignore", category=KdkitWarning)
     try:
         app(args=list(argv) if argv is not None else None, prog_name="kdkit")
     except KdkitError as exc:  # raised outside a command body (e.g. while Typer parses): same treatment

@@ -12,6 +12,11 @@ class KdkitError(Exception):
     exit_code = 2
 
 
+class KdkitWarning(UserWarning):
+    """Base class of kdkit's warnings (a cache entry rebuilt, remote code allowed, a degenerate result). The CLI
+    prints each one once, on its console; a library caller gets them as Python warnings."""
+
+
 class RecipeError(KdkitError):
     """A recipe is invalid. ``problems`` lists ``(dotted.key.path, message)`` pairs; an empty path means the file
     as a whole (missing, empty, not TOML)."""
@@ -41,3 +46,15 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest choice, or an empty string."""
     match = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+class ModelError(KdkitError):
+    """A model or checkpoint cannot be found or does not fit the data."""
+
+
+class NonFiniteLogitsError(KdkitError):
+    """A model produced NaN or infinite logits."""
+
+
+class NonFiniteLossError(KdkitError):
+    """The training loss became NaN or infinite."""

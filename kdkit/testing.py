@@ -4,6 +4,7 @@
 >>> registry = plugin_registry(MyPlugin)                       # only MyPlugin, no entry points
 >>> batch = fake_batch(size=8, teachers=3, classes=2, labeled=4, seed=0)
 >>> weights = run_hook(MyPlugin(), "kdkit_sample_weights", batch.select(None, "unlabeled"))
+>>> loss_fn = make_token_loss({MyPlugin: {}}, temperature=2.0)  # the same plugin, token by token
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from kdkit.batch import IGNORE_INDEX, KDBatch
-from kdkit.loss import DistillationLoss
-from kdkit.manager import Plugin, PluginRegistry, build_manager, discover_plugins
+from kdkit.distill.loss import DistillationLoss
+from kdkit.distill.tokens import TokenDistillationLoss
+from kdkit.plugin.base import Plugin
+from kdkit.plugin.batch import IGNORE_INDEX, KDBatch, Stream
+from kdkit.plugin.registry import PluginRegistry, build_manager, discover_plugins
 
 
 def plugin_registry(*plugin_classes: type[Plugin], load_entrypoints: bool = False) -> PluginRegistry:
@@ -56,10 +59,9 @@ def fake_batch(
     return KDBatch(student, teacher, labels, temperature)
 
 
-def stream_view(batch: KDBatch, stream: str) -> KDBatch:
-    """The samples of ``batch`` in ``stream``, as kdkit hands them to a hook."""
-    mask = batch.labeled_mask if stream == "labeled" else ~batch.labeled_mask
-    return batch.select(mask.nonzero().squeeze(1), stream)  # type: ignore[arg-type]
+def stream_view(batch: KDBatch, stream: Stream) -> KDBatch:
+    """The samples of ``batch`` in ``stream``, as kdkit hands them to a hook (:meth:`KDBatch.stream_view`)."""
+    return batch.stream_view(stream)
 
 
 def run_hook(plugin: Plugin, hook: str, batch: KDBatch) -> Any:
@@ -82,3 +84,13 @@ def make_loss(
     """A :class:`DistillationLoss` over the given plugin classes and options, without entry points."""
     registry = plugin_registry(*plugins)
     return DistillationLoss.from_plugins({cls.name: opts for cls, opts in plugins.items()}, registry=registry, **kwargs)
+
+
+def make_token_loss(
+    plugins: Mapping[type[Plugin], Mapping[str, Any] | BaseModel | None], **kwargs: Any
+) -> TokenDistillationLoss:
+    """A :class:`TokenDistillationLoss` over the given plugin classes and options, without entry points."""
+    registry = plugin_registry(*plugins)
+    return TokenDistillationLoss.from_plugins(
+        {cls.name: opts for cls, opts in plugins.items()}, registry=registry, **kwargs
+    )

@@ -4,11 +4,12 @@ Space"): teacher weights from a min-norm problem over the teachers' distillation
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from operator import mul
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 import kdkit
 
@@ -16,10 +17,8 @@ import kdkit
 _FEASIBILITY_TOL = 1e-9
 
 
-class AEKDOptions(BaseModel):
+class AEKDOptions(kdkit.Options):
     """Options of ``aekd``."""
-
-    model_config = ConfigDict(extra="forbid")
 
     C: float = Field(
         0.6,
@@ -84,12 +83,14 @@ class AEKDPlugin(kdkit.Plugin):
                 f"aekd: C = {cap} is infeasible with N = {n} teachers: weights of at most C cannot sum to 1 "
                 f"unless C >= 1/N = {1.0 / n:.6g}; raise plugins.aekd.C"
             )
-        if batch.size == 0:
-            return torch.empty(0, n, device=batch.device, dtype=torch.float32)
         if cap * n <= 1.0 + _FEASIBILITY_TOL:
             weights = [1.0 / n] * n  # the only feasible point
         else:
-            gram = gradient_gram(batch.student_probs, batch.teacher_probs, self.options.gradient)
+            # G is a statistic of the whole batch: reduced over data-parallel ranks (an empty view takes part
+            # too, so that every rank joins the reduction), each sample's classes aligned (token batches)
+            gram = gradient_gram(
+                batch.student_probs, batch.teacher_probs, self.options.gradient, batch.mean_over_ranks
+            )
             weights = min_norm_capped_simplex(
                 gram.tolist(), cap, tol=self.options.tol, max_iter=self.options.max_iter
             )
@@ -97,20 +98,33 @@ class AEKDPlugin(kdkit.Plugin):
         return row.unsqueeze(0).expand(batch.size, n).contiguous()
 
 
+def _plain_mean(values: torch.Tensor, *, by_class: bool = False) -> torch.Tensor:
+    """The mean over the first axis (0 for no rows): :func:`gradient_gram`'s default, one batch, one process."""
+    return values.mean(dim=0) if values.shape[0] else values.sum(dim=0)
+
+
 def gradient_gram(
-    student_probs: torch.Tensor, teacher_probs: torch.Tensor, gradient: str = "batch-mean"
+    student_probs: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    gradient: str = "batch-mean",
+    mean: Callable[..., torch.Tensor] = _plain_mean,
 ) -> torch.Tensor:
     """``G`` ``[N, N]`` float64 from student probabilities ``[B, C]`` and teacher probabilities ``[B, N, C]``.
 
     ``batch-mean``: ``G_ij = g_i . g_j`` with ``g_i = mean_b (p_s[b] - P_i[b])``.
     ``per-sample``: ``G_ij = mean_b (p_s[b] - P_i[b]) . (p_s[b] - P_j[b])``.
+
+    :param mean: the mean over samples, called as ``mean(values)`` or ``mean(values, by_class=True)``:
+        :meth:`kdkit.KDBatch.mean_over_ranks` in a run (over every data-parallel rank, with classes aligned
+        where samples have classes of their own, as the positions of a token batch do); by default a plain mean
+        over this batch.
     """
+    diff = student_probs.double().unsqueeze(1) - teacher_probs.double()  # [B, N, C]
     if gradient == "batch-mean":
-        g = student_probs.double().mean(dim=0).unsqueeze(0) - teacher_probs.double().mean(dim=0)  # [N, C]
+        g = mean(diff, by_class=True)  # [N, classes]
         return g @ g.T
     if gradient == "per-sample":
-        diff = student_probs.double().unsqueeze(1) - teacher_probs.double()  # [B, N, C]
-        return torch.einsum("bic,bjc->ij", diff, diff) / diff.shape[0]
+        return mean(torch.einsum("bic,bjc->bij", diff, diff))
     raise kdkit.PluginError(f"aekd: unknown gradient {gradient!r}")
 
 
@@ -259,7 +273,14 @@ def min_norm_capped_simplex(
         if xx - _sparse_dot(vertex, gx) <= gap_tol or vertex in corral.vertices:
             break
         if not corral.add(vertex, image(vertex)):
-            break  # the new vertex is (numerically) in the corral's affine hull: x is optimal
+            # the inverse kept up to date through drops can drift enough to hide a small distance to the hull
+            # (a singular G); only a freshly built one may say that x is optimal
+            corral.rebuild()
+            lam = lam[: len(corral)]  # rebuild only ever drops trailing, dependent vertices
+            total = sum(lam)
+            lam = [x / total for x in lam]
+            if not corral.add(vertex, image(vertex)):
+                break  # the new vertex is (numerically) in the corral's affine hull: x is optimal
         lam.append(0.0)
         for _minor in range(len(corral) + 1):
             alpha = corral.affine_min_norm()

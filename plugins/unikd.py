@@ -14,17 +14,15 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 import kdkit
 
 TeacherWeighting = Literal["inverse-loss", "softmax-neg-loss", "as-printed"]
 
 
-class CorrectnessOptions(BaseModel):
+class CorrectnessOptions(kdkit.Options):
     """Options of ``unikd-correctness``."""
-
-    model_config = ConfigDict(extra="forbid")
 
     teacher_weighting: TeacherWeighting = Field(
         "inverse-loss",
@@ -119,10 +117,11 @@ def correctness_teacher_weights(losses: torch.Tensor, weighting: TeacherWeightin
     raise kdkit.PluginError(f"unikd-correctness: unknown teacher_weighting {weighting!r}")
 
 
-class DisagreementOptions(BaseModel):
+class DisagreementOptions(kdkit.Options):
     """Options of ``unikd-disagreement``."""
 
-    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
+    # "lambda" is a Python keyword: the field is `lam`, the recipe key its alias (kdkit.Options forbids extras)
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True)
 
     lam: float = Field(
         10.0,

@@ -164,3 +164,19 @@ def quick_recipe(tmp_path: Path, model_dir: Path, **overrides: Any) -> dict[str,
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return recipe
+
+
+def count_tokenizations(monkeypatch: Any) -> list[int]:
+    """Record every tokenization kdkit runs (``kdkit.modeling.tokenize.encode_rows``): one entry per call, the
+    number of rows it tokenized. Reads from the token store are not tokenizations."""
+    import kdkit.modeling.tokenize
+
+    calls: list[int] = []
+    real = kdkit.modeling.tokenize.encode_rows
+
+    def counting(tokenizer: Any, dataset: Any, columns: Any, max_length: int, start: int, stop: int) -> Any:
+        calls.append(stop - start)
+        return real(tokenizer, dataset, columns, max_length, start, stop)
+
+    monkeypatch.setattr("kdkit.modeling.tokenize.encode_rows", counting)
+    return calls

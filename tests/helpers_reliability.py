@@ -139,10 +139,10 @@ def _die(sig: int = signal.SIGKILL) -> None:
 
 
 def _patch_trainers(kind: str, number: int, step: int, sig: int) -> None:
-    import kdkit.student
+    import kdkit.training.loop
     from transformers import TrainerCallback
 
-    real = kdkit.student.make_trainer
+    real = kdkit.training.loop.make_trainer
     made = {"teacher": 0, "student": 0}
 
     class Stop(TrainerCallback):
@@ -162,11 +162,11 @@ def _patch_trainers(kind: str, number: int, step: int, sig: int) -> None:
             trainer.add_callback(Stop(made[this]))
         return trainer
 
-    kdkit.student.make_trainer = make_trainer
+    kdkit.training.loop.make_trainer = make_trainer
 
 
 def _patch_checkpoint_save(step: int) -> None:
-    from kdkit.student import KDTrainer
+    from kdkit.training import KDTrainer
 
     real = KDTrainer._save_rng_state
 
@@ -197,9 +197,9 @@ def _patch_logit_write(number: int) -> None:
 
 
 def _patch_hold_lock(directory: Path) -> None:
-    import kdkit.teachers
+    import kdkit.stages.teachers
 
-    real = kdkit.teachers.train_teacher
+    real = kdkit.stages.teachers.train_teacher
     held = False
 
     def train_teacher(*args: Any, **kwargs: Any) -> Any:
@@ -210,26 +210,34 @@ def _patch_hold_lock(directory: Path) -> None:
             wait_for(directory / "waiting", timeout=300)
         return real(*args, **kwargs)
 
-    kdkit.teachers.train_teacher = train_teacher
+    kdkit.stages.teachers.train_teacher = train_teacher
+
+
+def lock_is_held(path: Path) -> bool:
+    """Whether another process holds the ``kdkit.store.locks.file_lock`` on ``path`` (tried without waiting)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return False
 
 
 def _patch_probe_lock(directory: Path) -> None:
-    import fcntl
+    import kdkit.stages.teachers
 
-    import kdkit.teachers
-
-    real = kdkit.teachers.file_lock
+    real = kdkit.stages.teachers.file_lock
 
     def file_lock(path: Any, *args: Any, **kwargs: Any) -> Any:
-        with open(path, "a+b") as fh:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-            except BlockingIOError:
-                (directory / "waiting").touch()
+        if lock_is_held(Path(path)):
+            (directory / "waiting").touch()
         return real(path, *args, **kwargs)
 
-    kdkit.teachers.file_lock = file_lock
+    kdkit.stages.teachers.file_lock = file_lock
 
 
 def _install(stop: str) -> None:
@@ -238,6 +246,10 @@ def _install(stop: str) -> None:
         number, step = (int(v) for v in rest.split(":"))
         _patch_trainers("teacher", number, step, signal.SIGKILL)
     elif kind in ("student-step", "student-sigint"):
+        if kind == "student-sigint":
+            # as in a terminal: a shell that starts the tests in the background (`make test &`) hands its children
+            # SIGINT ignored, and Python then never turns it into KeyboardInterrupt
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         _patch_trainers("student", 1, int(rest), signal.SIGKILL if kind == "student-step" else signal.SIGINT)
     elif kind == "student-save":
         _patch_checkpoint_save(int(rest))

@@ -75,7 +75,7 @@ def test_options_forbid_unknown_keys_and_document_every_field(name):
     schema = options.model_json_schema()
     for field, spec in schema.get("properties", {}).items():
         assert spec.get("description"), f"{name}.{field} has no description"
-    with pytest.raises(kdkit.PluginError, match=rf"plugins\.{name}\.colour: Extra inputs are not permitted"):
+    with pytest.raises(kdkit.PluginError, match=rf"plugins\.{name}\.colour: unknown option 'colour'; options of {name}"):
         kdkit.discover_plugins().instantiate({name: {"colour": 1}})
 
 

@@ -9,23 +9,15 @@ import datasets
 import pytest
 import torch
 
-import kdkit.cache
-from helpers_models import FILLER, POSITIVE, make_bert, make_tokenizer, sentences
-from kdkit.cache import (
-    CPU_MAX_TOKENS,
-    CacheWarning,
-    LogitCache,
-    NonFiniteLogitsError,
-    TeacherRef,
-    length_buckets,
-    logits_key,
-    predict_logits,
-    read_logits,
-    split_fingerprint,
-    write_logits,
-)
-from kdkit.models import load_classifier, load_tokenizer, tokenizer_fingerprint
-from kdkit.utils import atomic_write_bytes, verify_complete_marker, write_complete_marker
+import kdkit.tasks.logit_cache
+from helpers_models import FILLER, POSITIVE, count_tokenizations, make_bert, make_tokenizer, sentences
+from kdkit.errors import NonFiniteLogitsError
+from kdkit.modeling import CPU_MAX_TOKENS, length_buckets, load_classifier, load_tokenizer, predict_logits
+from kdkit.modeling import tokenizer_fingerprint
+from kdkit.store.files import atomic_write_bytes, verify_complete_marker, write_complete_marker
+from kdkit.store.logits import CacheWarning, logits_key, read_logits, split_fingerprint, write_logits
+from kdkit.tasks.base import TeacherRef
+from kdkit.tasks.logit_cache import LogitCache
 
 LABELS = ["a", "b", "c"]
 
@@ -123,14 +115,7 @@ def test_teachers_with_the_same_tokenizer_share_one_tokenization(
     assert tokenizer_fingerprint(load_tokenizer(str(odd), who="o")) != tokenizer_fingerprint(
         load_tokenizer(str(twin), who="t")
     )
-    calls: list[int] = []
-    real_encode = kdkit.cache.encode
-
-    def counting_encode(tokenizer, dataset, *args, **kwargs):
-        calls.append(len(dataset))
-        return real_encode(tokenizer, dataset, *args, **kwargs)
-
-    monkeypatch.setattr("kdkit.cache.encode", counting_encode)
+    calls = count_tokenizations(monkeypatch)
     teachers = [
         TeacherRef(name="t1", key="k-1", path=str(teacher_dir)),
         TeacherRef(name="t2", key="k-2", path=str(twin)),
@@ -211,7 +196,7 @@ def test_cache_builds_once_then_reads(tmp_path: Path, teacher_dir: Path, split, 
     def no_model(*args, **kwargs):
         raise AssertionError("a teacher model was loaded although its logits are cached")
 
-    monkeypatch.setattr("kdkit.cache.load_model_for_prediction", no_model)
+    monkeypatch.setattr("kdkit.tasks.logit_cache.load_model_for_prediction", no_model)
     again = cache.teacher_logits([teacher], splits, ["sentence"], LABELS, max_length=12)
     assert [e.built for e in cache.entries] == [False, False]
     torch.testing.assert_close(again["labeled"][:, 0], first["labeled"][:, 0], rtol=0, atol=0)

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import kdkit
 from kdkit import cli
 from kdkit.errors import DataError
-from kdkit.manager import BLOCK_ENV_VAR
+from kdkit.plugin.registry import BLOCK_ENV_VAR
 
 runner = CliRunner()
 
@@ -169,7 +169,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
         ("student.gradient_checkpointing=true", True),
         ('student.model="a b"', "a b"),
         ("student.model=bert-base-uncased", "bert-base-uncased"),
-        ("student.report_to=['tensorboard']", ["tensorboard"]),
+        ("student.report_to=['none']", ["none"]),
         ("seeds=[4, 5]", [4, 5]),
         ("student.model = spaced ", "spaced"),
     ],
@@ -220,7 +220,7 @@ def test_malformed_set_is_a_user_error(tmp_path, expression, message):
 # --------------------------------------------------------------------------- run
 @pytest.fixture
 def fake_pipeline(monkeypatch):
-    """Stands in for kdkit.pipeline (its own tests run it for real): records what the CLI hands over."""
+    """Stands in for kdkit.stages.run (its own tests run it for real): records what the CLI hands over."""
     calls = []
 
     def run_recipe(recipe, *, recipe_path, console, print_table):
@@ -230,16 +230,16 @@ def fake_pipeline(monkeypatch):
             raise DataError("data.files.train: column 'sentence' not found; columns: text, label")
         return {"name": recipe.name, "student": {"accuracy": 0.5}, "path": Path("runs") / recipe.name}
 
-    module = types.ModuleType("kdkit.pipeline")
+    module = types.ModuleType("kdkit.stages.run")
     module.run_recipe = run_recipe
-    monkeypatch.setitem(sys.modules, "kdkit.pipeline", module)
+    monkeypatch.setitem(sys.modules, "kdkit.stages.run", module)
     return calls
 
 
 def test_the_fake_pipeline_has_the_real_signature():
     import inspect
 
-    from kdkit.pipeline import run_recipe
+    from kdkit.stages.run import run_recipe
 
     inspect.signature(run_recipe).bind(object(), recipe_path=Path("r.toml"), console=object(), print_table=False)
 
@@ -287,6 +287,7 @@ def test_plugins_json_lists_the_builtins(scale_installed):
         "version": "1.2",
         "status": "ok",
         "hooks": ["kdkit_kd_weights"],
+        "streams": "",
         "distribution": "cli-scale-dist",
         "entry_point": f"{__name__}:Scale",
         "error": "",

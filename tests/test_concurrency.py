@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 from helpers_models import make_bert, quick_recipe
 from helpers_reliability import one_thread, start_kdkit, wait_for, write_recipe
 from kdkit import cli
-from kdkit.cache import CacheWarning, read_logits
-from kdkit.manager import BLOCK_ENV_VAR
-from kdkit.utils import verify_complete_marker
+from kdkit.plugin.registry import BLOCK_ENV_VAR
+from kdkit.store.files import verify_complete_marker
+from kdkit.store.logits import CacheWarning, read_logits
 
 
 @pytest.fixture(scope="module", autouse=True)

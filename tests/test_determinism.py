@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from helpers_models import make_bert, quick_recipe
 from helpers_reliability import one_thread
-from kdkit.pipeline import run_recipe
+from kdkit.stages.run import run_recipe
 from kdkit.recipe import validate_recipe
 
 #: Figures that depend on where and how fast a run happened, not on what it computed.

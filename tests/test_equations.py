@@ -535,6 +535,23 @@ def test_aekd_singular_objective_matches_scipy():
             assert a @ gram @ a <= slsqp(gram, cap) + 1e-10 * gram.diagonal().max()
 
 
+def test_aekd_solver_does_not_stop_short_after_dropping_a_vertex():
+    # Found by hypothesis (test_properties): 3 teachers, 3 classes, one sample, G of rank 2. The solver drops a
+    # vertex of its corral, and the inverse it had kept up to date since then put the next vertex inside the
+    # corral's affine hull: it stopped 9e-6 above the minimum in one teacher order and not in the other.
+    # G as the plugin builds it (from float32 probabilities): the solver's path depends on its last bits
+    batch = kdkit.KDBatch(
+        tensor([[0.0, 0.0, 0.0]]), tensor([[[0.0, 8.0, 0.0], [-3.0, 0.0, 0.0], [-3.0, -1.0, 0.0]]]), tensor([-100]), 1.0
+    ).select(None, "labeled")
+    gram = gradient_gram(batch.student_probs, batch.teacher_probs).numpy()
+    best, _ = brute_force(gram, 0.6)
+    assert abs(best - slsqp(gram, 0.6)) <= 1e-9
+    for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):
+        permuted = gram[np.ix_(order, order)]
+        a = np.array(min_norm_capped_simplex(permuted.tolist(), 0.6))
+        assert a @ permuted @ a <= best + 1e-12 * gram.diagonal().max()
+
+
 def test_aekd_gram_per_stream_and_gradient_modes():
     student, teacher, y = fake_logits(size=8, teachers=3, classes=4, labeled=5, seed=3)
     batch = kdkit.KDBatch(student, teacher, y, 1.0)

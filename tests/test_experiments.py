@@ -83,7 +83,7 @@ def test_ablate_trains_teachers_once_writes_table_and_plot_and_resumes(
     tmp_path: Path, base_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recipe = validate_recipe(_recipe(tmp_path, base_model, seeds=[1, 2]))
-    teacher_calls = _count_calls(monkeypatch, "kdkit.teachers.train_teacher")
+    teacher_calls = _count_calls(monkeypatch, "kdkit.stages.teachers.train_teacher")
     exp = ablate(recipe, console=_console())
 
     # two teachers, trained once for the five variants
@@ -130,7 +130,7 @@ def test_ablate_trains_teachers_once_writes_table_and_plot_and_resumes(
     def forbidden(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("trained again")
 
-    monkeypatch.setattr("kdkit.student.make_trainer", forbidden)
+    monkeypatch.setattr("kdkit.training.loop.make_trainer", forbidden)
     again = ablate(recipe, console=_console())
     assert sorted(teacher_calls) == [1, 2]
     for directory in dirs.values():
@@ -144,11 +144,11 @@ def test_sweep_on_the_cli_reuses_the_recipe_run_for_its_own_value(
     recipe = _recipe(tmp_path, base_model)
     path = tmp_path / "tiny.toml"
     path.write_text(_toml(recipe))
-    teacher_calls = _count_calls(monkeypatch, "kdkit.teachers.train_teacher")
+    teacher_calls = _count_calls(monkeypatch, "kdkit.stages.teachers.train_teacher")
     runner = CliRunner()
     first = runner.invoke(app, ["run", str(path)])
     assert first.exit_code == 0, first.output
-    student_calls = _count_calls(monkeypatch, "kdkit.student.make_trainer")
+    student_calls = _count_calls(monkeypatch, "kdkit.training.loop.make_trainer")
 
     result = runner.invoke(app, ["sweep", str(path), "--set", "plugins.unikd-disagreement.lambda=0,10,20"])
     assert result.exit_code == 0, result.output

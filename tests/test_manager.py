@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import kdkit
 from kdkit.errors import PluginError
-from kdkit.manager import (
+from kdkit.plugin.registry import (
     BLOCK_ENV_VAR,
     build_manager,
     check_ensembling_conflicts,
@@ -313,7 +313,38 @@ def test_records_serialise_for_the_cli():
         "version": "3.1",
         "status": "ok",
         "hooks": ["kdkit_sample_weights"],
+        "streams": "",
         "distribution": "<registered in code>",
         "entry_point": f"{__name__}:Double",
         "error": "",
     }
+
+
+class LaxOptions(kdkit.Plugin):
+    name = "lax-options"
+
+    class Options(BaseModel):  # accepts unknown keys: a misspelled option would be ignored
+        power: float = 1.0
+
+    @kdkit.hookimpl
+    def kdkit_kd_weights(self, batch):
+        return None
+
+
+class StrictOptions(kdkit.Plugin):
+    name = "strict-options"
+
+    class Options(kdkit.Options):
+        power: float = 1.0
+
+    @kdkit.hookimpl
+    def kdkit_kd_weights(self, batch):
+        return None
+
+
+def test_a_plugin_whose_options_accept_unknown_keys_is_refused():
+    with pytest.raises(PluginError, match=r"plugin 'lax-options': its Options model .* accepts unknown keys.*kdkit\.Options"):
+        check_plugin_class(LaxOptions)
+    check_plugin_class(StrictOptions)  # kdkit.Options forbids them
+    with pytest.raises(ValidationError):
+        StrictOptions.Options(powr=2.0)

@@ -1,7 +1,7 @@
 """The student stage never instantiates a teacher model when every enabled plugin needs only teacher outputs.
 
 The teachers exist as checkpoints and their logits come from the real cache; then the student stage runs
-(``kdkit.student.train_student``) with the paper's plugins enabled while every construction of a transformers
+(``kdkit.stages.students.train_student``) with the paper's plugins enabled while every construction of a transformers
 model is recorded. Exactly one classifier may be built: the student. (The pipeline test checks the same for a
 whole ``kdkit run`` with the default average; this one is per plugin set, and counts every model construction,
 not only ``from_pretrained``.)
@@ -17,10 +17,12 @@ import torch
 from helpers_models import make_bert, quick_recipe, sentences
 
 from kdkit import DistillationLoss, IGNORE_INDEX
-from kdkit.cache import LogitCache, TeacherRef
-from kdkit.models import encode, load_tokenizer
+from kdkit.modeling import encode, load_tokenizer
+from kdkit.tasks.base import TeacherRef
+from kdkit.tasks.logit_cache import LogitCache
 from kdkit.recipe import validate_recipe
-from kdkit.student import EncodedDataset, train_student
+from kdkit.stages.students import train_student
+from kdkit.training import EncodedDataset
 
 PLUGIN_SETS = {
     "unikd": {"unikd-correctness": {}, "unikd-disagreement": {"lambda": 10.0}},
@@ -86,7 +88,7 @@ def test_student_stage_builds_only_the_student(
         raise AssertionError("the student stage loaded a teacher for prediction")
 
     monkeypatch.setattr(PreTrainedModel, "__init__", recording_init)
-    monkeypatch.setattr("kdkit.cache.load_model_for_prediction", forbidden)
+    monkeypatch.setattr("kdkit.tasks.logit_cache.load_model_for_prediction", forbidden)
     run = train_student(
         recipe,
         tokenizer=tokenizer,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import kdkit
-from kdkit.manager import BLOCK_ENV_VAR, discover_plugins
+from kdkit.plugin.registry import BLOCK_ENV_VAR, discover_plugins
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILTINS = {
@@ -73,6 +73,14 @@ def test_the_wheel_carries_kdkit_and_every_builtin_plugin_module(wheel):
     assert not any(name.startswith("plugins/") for name in names)  # installed under its kdkit_ name only
 
 
+def test_the_wheel_carries_the_data_converters(wheel):
+    names = set(_names(wheel))
+    modules = sorted((ROOT / "kdkit" / "sources").glob("*.py"))
+    assert {"__init__.py", "common.py", "polarity.py"} <= {m.name for m in modules}
+    for module in modules:
+        assert f"kdkit/sources/{module.name}" in names
+
+
 def test_the_wheel_has_no_top_level_name_but_kdkit_ones(wheel):
     tops = {name.split("/", 1)[0] for name in _names(wheel)}
     assert tops == {"kdkit", "kdkit_plugins", DIST_INFO}
@@ -105,7 +113,7 @@ def test_a_regular_install_of_the_wheel_registers_the_builtins(wheel, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     probe = (
         "import json, sys, kdkit\n"
-        "from kdkit.manager import discover_plugins\n"
+        "from kdkit.plugin.registry import discover_plugins\n"
         "records = discover_plugins().records\n"
         "print(json.dumps({'kdkit': kdkit.__file__, 'plugins': {n: [r.status, r.distribution, r.error,"
         " sys.modules[r.cls.__module__].__file__ if r.cls else ''] for n, r in records.items()}}))\n"

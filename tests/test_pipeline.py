@@ -15,13 +15,13 @@ from rich.console import Console
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from helpers_models import make_bert, quick_recipe
-from kdkit.cache import CacheWarning
+from kdkit.store.logits import CacheWarning
 from kdkit.data import load_splits
 from kdkit.errors import KdkitError
-from kdkit.pipeline import run_recipe
+from kdkit.stages.run import run_recipe
 from kdkit.recipe import validate_recipe
-from kdkit.teachers import prepare_teachers, teacher_key
-from kdkit.utils import verify_complete_marker
+from kdkit.stages.teachers import prepare_teachers, teacher_key
+from kdkit.store.files import verify_complete_marker
 
 
 @pytest.fixture(scope="module")
@@ -128,10 +128,10 @@ def test_end_to_end_then_reuse_then_a_new_student_without_teacher_models(
 
         return fail
 
-    monkeypatch.setattr("kdkit.teachers.train_teacher", forbidden("train_teacher"))
-    monkeypatch.setattr("kdkit.cache.load_model_for_prediction", forbidden("loading a teacher for prediction"))
-    monkeypatch.setattr("kdkit.cache.predict_logits", forbidden("predict_logits"))
-    monkeypatch.setattr("kdkit.student.make_trainer", forbidden("training a student"))
+    monkeypatch.setattr("kdkit.stages.teachers.train_teacher", forbidden("train_teacher"))
+    monkeypatch.setattr("kdkit.tasks.logit_cache.load_model_for_prediction", forbidden("loading a teacher for prediction"))
+    monkeypatch.setattr("kdkit.tasks.logit_cache.predict_logits", forbidden("predict_logits"))
+    monkeypatch.setattr("kdkit.training.loop.make_trainer", forbidden("training a student"))
     again = run_recipe(recipe, recipe_path=None, console=console, results_console=table_console)
     assert again["cache"] == {"teachers_trained": 0, "logits_built": [], "logits_read": 8}
     assert [t["metrics"] for t in again["teachers"]] == [t["metrics"] for t in results["teachers"]]
@@ -142,8 +142,8 @@ def test_end_to_end_then_reuse_then_a_new_student_without_teacher_models(
 
     # ---- a new student (other learning rate): teachers and logits reused, no teacher model instantiated
     monkeypatch.undo()
-    monkeypatch.setattr("kdkit.teachers.train_teacher", forbidden("train_teacher"))
-    monkeypatch.setattr("kdkit.cache.load_model_for_prediction", forbidden("loading a teacher for prediction"))
+    monkeypatch.setattr("kdkit.stages.teachers.train_teacher", forbidden("train_teacher"))
+    monkeypatch.setattr("kdkit.tasks.logit_cache.load_model_for_prediction", forbidden("loading a teacher for prediction"))
     loads: list[str] = []
     original = AutoModelForSequenceClassification.from_pretrained.__func__  # type: ignore[attr-defined]
 
@@ -194,7 +194,7 @@ def test_a_corrupt_cached_teacher_is_trained_again(tmp_path: Path, base_model: P
     recipe = validate_recipe(quick_recipe(tmp_path, base_model, **{"teachers.max_steps": 2, "teachers.seeds": [4]}))
     splits = load_splits(recipe.data)
     calls: list[int] = []
-    import kdkit.teachers as teachers_module
+    import kdkit.stages.teachers as teachers_module
 
     original = teachers_module.train_teacher
 
@@ -202,7 +202,7 @@ def test_a_corrupt_cached_teacher_is_trained_again(tmp_path: Path, base_model: P
         calls.append(kwargs["seed"])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr("kdkit.teachers.train_teacher", counting)
+    monkeypatch.setattr("kdkit.stages.teachers.train_teacher", counting)
     kwargs = dict(
         cache_dir=tmp_path / "cache", labeled=splits.labeled, text_columns=["sentence"],
         label_names=splits.label_names, max_length=24,
@@ -261,7 +261,7 @@ def test_a_plugin_refusing_the_ensemble_fails_before_any_teacher_is_trained(
 ) -> None:
     data = quick_recipe(tmp_path, base_model, **{"teachers.seeds": [1]})
     data["plugins"] = {"unikd-disagreement": {}}
-    monkeypatch.setattr("kdkit.teachers.train_teacher", lambda *a, **k: pytest.fail("a teacher was trained"))
+    monkeypatch.setattr("kdkit.stages.teachers.train_teacher", lambda *a, **k: pytest.fail("a teacher was trained"))
     console, _ = _consoles()
     with pytest.raises(KdkitError, match="unikd-disagreement"):
         run_recipe(validate_recipe(data), console=console, print_table=False)
@@ -269,7 +269,7 @@ def test_a_plugin_refusing_the_ensemble_fails_before_any_teacher_is_trained(
 
 
 def test_results_std_is_the_sample_std() -> None:
-    from kdkit.evaluate import mean_std
+    from kdkit.stages.results import metric_mean_std as mean_std
 
     mean, std = mean_std([{"accuracy": 0.5}, {"accuracy": 0.7}, {"accuracy": 0.9}])
     assert mean["accuracy"] == pytest.approx(0.7)

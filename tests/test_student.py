@@ -12,20 +12,13 @@ from pydantic import BaseModel, ConfigDict
 from transformers import TrainerCallback
 
 from helpers_models import make_bert, quick_recipe, sentences
-from kdkit.batch import IGNORE_INDEX
-from kdkit.loss import DistillationLoss
-from kdkit.manager import Plugin, hookimpl
-from kdkit.models import encode, load_classifier, load_tokenizer
+from kdkit.distill import DistillationLoss
+from kdkit.modeling import encode, load_classifier, load_tokenizer
+from kdkit.plugin import IGNORE_INDEX, Plugin, hookimpl
 from kdkit.recipe import validate_recipe
-from kdkit.student import (
-    EncodedDataset,
-    KDCollator,
-    NonFiniteLossError,
-    make_trainer,
-    optimizer_steps,
-    train_student,
-    training_arguments,
-)
+from kdkit.errors import DataError, NonFiniteLossError
+from kdkit.stages.students import train_student
+from kdkit.training import EncodedDataset, KDCollator, make_trainer, optimizer_steps, training_arguments
 from kdkit.testing import plugin_registry
 
 LABELS = ["negative", "positive"]
@@ -158,7 +151,7 @@ class StepCounter(TrainerCallback):
 
 def _recipe(tmp_path: Path, model_dir: Path, **overrides: Any):
     settings = {
-        "student.batch_size": 4,
+        "student.batch_size": 8,  # global: 4 per forward pass, accumulated by 2
         "student.gradient_accumulation_steps": 2,
         "student.epochs": 1,
         "student.save_steps": 2,
@@ -186,7 +179,7 @@ def test_labels_only_baseline_runs_as_many_optimizer_steps(model_dir: Path, tmp_
         trainer.add_callback(counters[-1])
         return trainer
 
-    monkeypatch.setattr("kdkit.student.make_trainer", counting)
+    monkeypatch.setattr("kdkit.training.loop.make_trainer", counting)
     common = dict(tokenizer=tokenizer, eval_split=eval_split, text_columns=["sentence"], label_names=LABELS, seed=1)
     run = train_student(
         recipe, dataset=distill, kind="distilled", directory=tmp_path / "d",
@@ -235,7 +228,7 @@ def test_an_interrupted_student_resumes_and_matches_an_uninterrupted_run(
         trainer.add_callback(Interrupt(at=3))
         return trainer
 
-    monkeypatch.setattr("kdkit.student.make_trainer", interrupted)
+    monkeypatch.setattr("kdkit.training.loop.make_trainer", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train_student(recipe, directory=tmp_path / "cut", **common)
     assert (tmp_path / "cut" / "checkpoint-2").is_dir()
@@ -252,24 +245,80 @@ def test_an_interrupted_student_resumes_and_matches_an_uninterrupted_run(
     torch.testing.assert_close(reused.eval_logits, resumed.eval_logits, rtol=0, atol=0)
 
 
+class NaNWeights(Plugin):
+    """Sample weights that are NaN: a plugin gone wrong, which makes the loss NaN."""
+
+    name, version = "nan-weights", "1"
+
+    @hookimpl
+    def kdkit_sample_weights(self, batch: Any) -> torch.Tensor:
+        return torch.full((batch.size,), float("nan"))
+
+
 def test_a_non_finite_loss_stops_training_and_names_the_step(model_dir: Path, tmp_path: Path) -> None:
-    recipe = _recipe(tmp_path, model_dir, **{"student.gradient_accumulation_steps": 1})
+    recipe = _recipe(tmp_path, model_dir, **{"student.gradient_accumulation_steps": 1, "student.batch_size": 4})
     tokenizer = load_tokenizer(str(model_dir), who="s")
     distill, _ = _dataset(tokenizer, labeled=8, unlabeled=8)
-    teacher_logits = torch.zeros(16, 2, 2)
-    teacher_logits[:] = float("nan")
-    with pytest.raises(NonFiniteLossError, match=r"step 1 .*no checkpoint was written yet"):
+
+    def train(teacher_logits: torch.Tensor, loss_fn: DistillationLoss, name: str) -> None:
         train_student(
             recipe, tokenizer=tokenizer, dataset=distill, eval_split=_rows(4, seed=1), text_columns=["sentence"],
-            label_names=LABELS, seed=1, kind="distilled", directory=tmp_path / "nan",
-            teacher_logits=teacher_logits, loss_fn=DistillationLoss(),
+            label_names=LABELS, seed=1, kind="distilled", directory=tmp_path / name,
+            teacher_logits=teacher_logits, loss_fn=loss_fn,
         )
+
+    with pytest.raises(NonFiniteLossError, match=r"step 1 .*no checkpoint was written yet"):
+        train(torch.zeros(16, 2, 2), DistillationLoss([NaNWeights()]), "nan")
+    # NaN teacher logits never get as far as a NaN loss: the objective names the sample and the teacher
+    with pytest.raises(DataError, match=r"teacher logits are not finite: sample \d+, teacher 1, class 0 holds nan"):
+        train(torch.full((16, 2, 2), float("nan")), DistillationLoss(), "nan-teachers")
 
 
 def test_optimizer_steps_matches_the_trainer_formula() -> None:
     from kdkit.recipe import StudentConfig
 
-    cfg = StudentConfig(model="m", batch_size=8, gradient_accumulation_steps=3, epochs=2.5)
-    # 100 samples -> 13 batches -> accumulated by 3: 4 full steps + 1 short one = 5 an epoch -> ceil(2.5 * 5) = 13
+    cfg = StudentConfig(model="m", batch_size=24, gradient_accumulation_steps=3, epochs=2.5)
+    # global batch 24 = 8 per forward pass x 3 accumulated
+    # 100 samples -> 13 batches of 8 -> accumulated by 3: 4 full steps + 1 short one = 5 an epoch -> ceil(2.5 * 5) = 13
     assert optimizer_steps(100, cfg) == 13
     assert optimizer_steps(100, cfg.model_copy(update={"max_steps": 7})) == 7
+    # per device: 8 a forward pass whatever the accumulation, the same 13
+    assert optimizer_steps(100, cfg.model_copy(update={"batch_size": 8, "batch_scope": "per-device"})) == 13
+    # two processes, global 24: 4 per process per pass, 8 together -> the same 13 batches, the same 13 steps
+    assert optimizer_steps(100, cfg, world_size=2) == 13
+    # per device 8 on two processes: 16 a pass -> 7 batches -> 3 steps an epoch (2 full + 1 short) -> ceil(7.5) = 8
+    assert optimizer_steps(100, cfg.model_copy(update={"batch_size": 8, "batch_scope": "per-device"}), world_size=2) == 8
+
+
+def test_a_global_batch_is_split_over_processes_and_accumulation(tmp_path: Path, model_dir: Path, monkeypatch) -> None:
+    from kdkit.errors import RecipeError
+    from kdkit.stages.preflight import preflight
+    from kdkit.training.arguments import per_device_batch
+
+    recipe = validate_recipe(quick_recipe(tmp_path, model_dir, **{"student.batch_size": 48}))
+    cfg = recipe.student
+    # 48 a step: 48 in one process, 24 each in two, 8 each in three at 2 accumulation steps
+    assert per_device_batch(cfg, 1) == 48 and per_device_batch(cfg, 2) == 24
+    assert per_device_batch(cfg.model_copy(update={"gradient_accumulation_steps": 2}), 3) == 8
+    assert per_device_batch(cfg.model_copy(update={"batch_scope": "per-device"}), 3) == 48
+    args = training_arguments(cfg.model_copy(update={"gradient_accumulation_steps": 4}), output_dir=tmp_path, seed=0)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (12, 4)
+    # 48 over 5 processes does not divide: the error names the key, at preflight (kdkit validate and run)
+    monkeypatch.setenv("WORLD_SIZE", "5")
+    with pytest.raises(RecipeError, match=r"student\.batch_size: 48 is the global batch .* over 5 processes x 1 "
+                                          r"accumulation step = 5; use a multiple of 5, or set student\.batch_scope"):
+        preflight(recipe)
+    # five teachers on five processes: each trains alone, so a teacher batch of 7 needs no split
+    preflight(validate_recipe(quick_recipe(tmp_path, model_dir, **{"student.batch_size": 45, "teachers.batch_size": 7,
+                                                                     "teachers.seeds": [1, 2, 3, 4, 5]})))
+    # two teachers on five processes train with DDP: their batch of 16 must divide by 5 as well
+    with pytest.raises(RecipeError, match=r"teachers\.batch_size: 16 is the global batch"):
+        preflight(validate_recipe(quick_recipe(tmp_path, model_dir, **{"student.batch_size": 45})))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU case")
+def test_bf16_on_a_cpu_trains_instead_of_being_refused_by_the_trainer(tmp_path: Path) -> None:
+    """transformers refuses bf16 without a GPU unless told to use the CPU (recipes/smollm2_distill.toml on a CPU)."""
+    cfg = validate_recipe(quick_recipe(tmp_path, tmp_path / "m", **{"student.precision": "bf16"})).student
+    args = training_arguments(cfg, output_dir=tmp_path / "o", seed=0)
+    assert args.bf16 and args.use_cpu and args.device.type == "cpu"

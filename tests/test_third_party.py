@@ -23,7 +23,7 @@ import torch
 from typer.testing import CliRunner
 
 from kdkit import cli
-from kdkit.manager import BLOCK_ENV_VAR, discover_plugins
+from kdkit.plugin.registry import BLOCK_ENV_VAR, discover_plugins
 from kdkit.recipe import load_recipe
 
 EXAMPLE = Path(__file__).parent / "example_plugin"

@@ -12,17 +12,15 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 import kdkit
 
 __version__ = "0.1.0"
 
 
-class ConfidenceOptions(BaseModel):
-    """The recipe table ``[plugins.confidence-weighting]``."""
-
-    model_config = ConfigDict(extra="forbid")
+class ConfidenceOptions(kdkit.Options):
+    """The recipe table ``[plugins.confidence-weighting]`` (kdkit.Options forbids unknown keys)."""
 
     power: float = Field(1.0, ge=0, description="exponent of the confidence; 0 gives every sample weight 1")
     apply_to: Literal["unlabeled", "all"] = Field(
