@@ -5,7 +5,7 @@ teacher's logits for every sentence in memory:
 
 * ``bare loop``: what one writes by hand: for each teacher, ``from_pretrained``, tokenize everything padded to the
   recipe's ``max_length``, forward in batches of ``cache_batch`` under ``torch.inference_mode()``;
-* ``kdkit LogitCache``: ``kdkit.cache.LogitCache(...).teacher_logits(...)`` into an empty cache directory (a
+* ``kdkit LogitCache``: ``kdkit.tasks.logit_cache.LogitCache(...).teacher_logits(...)`` into an empty cache directory (a
   real build, every round): loading, tokenizing (once for teachers sharing a tokenizer), batches of one length
   each (no padding) of at most ``cache_batch`` rows and, on a CPU, 4,096 tokens, the forward passes,
   fingerprints, and writing the checksummed safetensors files.
@@ -51,7 +51,7 @@ def bare_loop(teachers: Any, texts: list[str], max_length: int, batch_size: int)
 
 
 def kdkit_build(teachers: Any, ds: Any, classes: int, max_length: int, batch_size: int) -> torch.Tensor:
-    from kdkit.cache import LogitCache
+    from kdkit.tasks.logit_cache import LogitCache
 
     cache = LogitCache(bench_models.fresh_dir("cache"), batch_size=batch_size)
     out = cache.teacher_logits(
@@ -64,8 +64,8 @@ def kdkit_build(teachers: Any, ds: Any, classes: int, max_length: int, batch_siz
 def padded_tokens(texts: list[str], max_length: int, batch_size: int) -> tuple[int, int, float, int, int | None]:
     """Tokens the forward passes see (padded to max_length; kdkit's batches, which are never padded), the mean
     sentence length, the number of kdkit's batches on this machine and their token budget
-    (``kdkit.cache.predict_logits``'s rule)."""
-    from kdkit.cache import default_max_tokens, length_buckets
+    (``kdkit.modeling.predict_logits``'s rule)."""
+    from kdkit.modeling import default_max_tokens, length_buckets
 
     tok = common.tokenizer()
     lengths = [len(ids) for ids in tok(texts, truncation=True, max_length=max_length)["input_ids"]]

@@ -5,7 +5,7 @@ sentences (half labeled, half unlabeled), same batches (batch 32, max_length 48,
 of epochs. Timed from "teacher checkpoints on disk, student built" to "student trained":
 
 * ``kdkit``: ``LogitCache.teacher_logits`` (labeled and unlabeled splits, into an empty cache) then
-  ``kdkit.student.make_trainer(...).train()`` with UniKD (correctness + disagreement), as ``kdkit run`` does;
+  ``kdkit.training.make_trainer(...).train()`` with UniKD (correctness + disagreement), as ``kdkit run`` does;
 * ``naive online``: the 5 teachers loaded and run under ``torch.no_grad()`` at every step, inside a ``Trainer``
   whose loss is the same ``DistillationLoss`` (so the two differ only in where teacher logits come from);
 * ``TextBrewer``: ``MultiTeacherDistiller`` (optional; ``pip install --no-deps --target /tmp/textbrewer
@@ -71,7 +71,7 @@ class E2EData:
 
 # --------------------------------------------------------------------------- kdkit
 def kdkit_cache(d: E2EData, cache_dir: Path | None = None) -> torch.Tensor:
-    from kdkit.cache import LogitCache
+    from kdkit.tasks.logit_cache import LogitCache
 
     cache = LogitCache(cache_dir or bench_models.fresh_dir("e2e-cache"), batch_size=d.sizes.cache_batch)
     logits = cache.teacher_logits(
@@ -138,7 +138,7 @@ def load_teachers(d: E2EData) -> list[Any]:
 
 def naive_e2e(d: E2EData) -> dict[str, float]:
     from kdkit import DistillationLoss
-    from kdkit.student import EncodedDataset, KDCollator
+    from kdkit.training import EncodedDataset, KDCollator
 
     start = common.now()
     teachers = load_teachers(d)
@@ -179,7 +179,7 @@ def textbrewer_e2e(d: E2EData, caching: bool = False) -> dict[str, float]:
     from textbrewer import DistillationConfig, MultiTeacherDistiller, TrainingConfig
     from transformers import get_linear_schedule_with_warmup
 
-    from kdkit.student import EncodedDataset, KDCollator
+    from kdkit.training import EncodedDataset, KDCollator
 
     logging.getLogger("Distillation").setLevel(logging.WARNING)
     device = common.device()

@@ -69,7 +69,8 @@ def child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
         trainer = ss.plain_trainer(student, data, args)
     elif kind in ("kdkit-student", "kdkit-run"):
         from kdkit import DistillationLoss
-        from kdkit.cache import LogitCache, TeacherRef
+        from kdkit.tasks.base import TeacherRef
+        from kdkit.tasks.logit_cache import LogitCache
 
         refs = [TeacherRef(**r) for r in spec["teachers"]]
         cache_dir = spec["cache_dir"] if kind == "kdkit-student" else bench_models.fresh_dir("mem-cache")
@@ -87,9 +88,9 @@ def child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
         trainer = ss.kdkit_trainer(student, data, args, teacher_logits, loss_fn)
     elif kind == "naive":
         from kdkit import DistillationLoss
-        from kdkit.student import EncodedDataset, KDCollator
+        from kdkit.training import EncodedDataset, KDCollator
 
-        from kdkit.cache import TeacherRef
+        from kdkit.tasks.base import TeacherRef
 
         teachers = bench_e2e.load_teachers(SimpleNamespace(refs=[TeacherRef(**r) for r in spec["teachers"]]))
         teachers_loaded = len(teachers)
@@ -130,7 +131,7 @@ def run(sizes: Sizes, steps: int | None = None, rounds: int | None = None) -> Re
     teachers = [{"name": r.name, "key": r.key, "path": r.path} for r in refs]
 
     # the cache the student-stage child reads
-    from kdkit.cache import LogitCache
+    from kdkit.tasks.logit_cache import LogitCache
 
     data = ss.student_data(sizes, samples, seed=4)
     half = sum(1 for y in data.mixed_labels if y != -100)

@@ -9,7 +9,7 @@ initial weights and runs ``steps + 1`` optimizer steps; a ``TrainerCallback`` ti
 Variants:
 
 * ``plain Trainer``: stock ``transformers.Trainer``, the model's own cross-entropy;
-* ``kdkit N=5 ...``: ``kdkit.student.make_trainer`` with 5 teachers' cached logits and ``DistillationLoss``
+* ``kdkit N=5 ...``: ``kdkit.training.make_trainer`` with 5 teachers' cached logits and ``DistillationLoss``
   with all UniKD plugins (``unikd-correctness`` + ``unikd-disagreement``): the target, <= 1.05x;
 * ``kdkit N=1, 3, 10``: to show the step does not grow with N (with N = 1 only ``unikd-correctness``:
   disagreement needs two teachers);

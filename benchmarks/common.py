@@ -143,7 +143,7 @@ def quiet_transformers() -> None:
 def minilm_classifier(num_layers: int | None, num_labels: int, seed: int) -> torch.nn.Module:
     """MiniLM (optionally cut to the first ``num_layers`` layers) with a fresh classification head.
 
-    Loaded by kdkit's own loader (``kdkit.models.load_classifier``), so the benchmark builds exactly what
+    Loaded by kdkit's own loader (``kdkit.modeling.load_classifier``), so the benchmark builds exactly what
     ``kdkit run`` builds; ``seed`` decides the head's initialisation (teachers differ only there: their
     timing does not depend on being fine-tuned).
     """

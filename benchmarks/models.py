@@ -36,11 +36,11 @@ def label_names(classes: int) -> list[str]:
 
 @lru_cache(maxsize=None)
 def teacher_checkpoints(count: int, classes: int) -> tuple[Any, ...]:
-    """``count`` MiniLM-L6 teacher checkpoints on disk (seeded heads), as :class:`kdkit.cache.TeacherRef`.
+    """``count`` MiniLM-L6 teacher checkpoints on disk (seeded heads), as :class:`kdkit.tasks.base.TeacherRef`.
 
     They are not fine-tuned: a forward pass costs the same either way.
     """
-    from kdkit.cache import TeacherRef
+    from kdkit.tasks.base import TeacherRef
 
     tok = common.tokenizer()
     refs = []

@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: python benchmarks/run_all.py
 from benchmarks import common  # noqa: E402
 from benchmarks.common import Sizes  # noqa: E402
 
-ORDER = ("loss", "step", "cache", "memory", "scale", "e2e")
+ORDER = ("loss", "step", "cache", "memory", "scale", "e2e", "pipeline")
 
 
 def _load() -> float:
@@ -56,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         help="torch intra-op threads (default: torch's own, one per core); on a machine shared with other jobs, 1 "
         "gives far steadier timings (docs/PERFORMANCE.md)",
     )
+    parser.add_argument(
+        "--pipeline-rows", type=int, nargs="+", help="training rows of the pipeline benchmark (default 2000 20000 200000)"
+    )
+    parser.add_argument(
+        "--parallel-rows", type=int, help="rows of its two-process comparison (default 200000; 0: none)"
+    )
+    parser.add_argument("--pipeline-rounds", type=int, help="alternating rounds of that comparison (default 2)")
     parser.add_argument("--no-textbrewer", action="store_true", help="leave TextBrewer out of the end to end")
     parser.add_argument("--no-ablation", action="store_true", help="leave the 5-variant ablation out")
     parser.add_argument(
@@ -143,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
             from benchmarks import bench_scale
 
             report = bench_scale.run(sizes, step_seconds=step_seconds)
+        elif bench == "pipeline":
+            from benchmarks import bench_scale
+
+            rows = args.pipeline_rows or ([2000] if args.quick else [2000, 20_000, 200_000])
+            parallel_rows = args.parallel_rows if args.parallel_rows is not None else rows[-1] if args.quick else 200_000
+            report = bench_scale.pipeline_run(rows, parallel_rows or None, args.pipeline_rounds or (1 if args.quick else 2))
         else:
             from benchmarks import bench_e2e
 

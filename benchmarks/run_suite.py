@@ -1,7 +1,7 @@
 """The reproduction suite of docs/RESULTS.md in one command: Table 2 (two teacher settings), the ablation, the
 teacher-weighting variants and the lambda sweep, on the offline sentence-polarity data with MiniLM.
 
-    python -m kdkit.polarity --out .data/polarity                         # once: the data
+    python -m kdkit.sources.polarity --out .data/polarity                 # once: the data
     mkdir -p runs/bench && nohup .venv/bin/python benchmarks/run_suite.py > runs/bench/suite.out 2>&1 &
 
 Run from the repository root. Every step is an ordinary kdkit command on a recipe of recipes/bench/; teachers and
@@ -144,10 +144,10 @@ def teacher_diagnostics() -> str:
     import torch
 
     from kdkit import DistillationLoss
-    from kdkit.cache import LogitCache
+    from kdkit.tasks.logit_cache import LogitCache
     from kdkit.data import load_splits
     from kdkit.recipe import load_recipe
-    from kdkit.teachers import prepare_teachers
+    from kdkit.stages.teachers import prepare_teachers
 
     header = [
         "teachers", "mean teacher", "ensemble", "ensemble - mean", "any teacher right", "pairwise disagreement (eval)",

@@ -1,6 +1,6 @@
 """The student side shared by the step, memory and end-to-end benchmarks: data, arguments, trainers.
 
-kdkit's side is built with kdkit's own functions (``kdkit.student.training_arguments``, ``make_trainer``,
+kdkit's side is built with kdkit's own functions (``kdkit.training.training_arguments``, ``make_trainer``,
 ``EncodedDataset``); the plain side is a stock ``transformers.Trainer`` with ``DataCollatorWithPadding`` and
 the model's own loss, given the same arguments and the same dataset order, so both see the same batches.
 """
@@ -38,7 +38,7 @@ class StudentData:
 
 
 def student_data(sizes: Sizes, samples: int, seed: int = 3, classes: int | None = None) -> StudentData:
-    from kdkit.models import encode
+    from kdkit.modeling import encode
 
     from benchmarks import models as bench_models
 
@@ -68,7 +68,7 @@ def student_config(sizes: Sizes, **overrides: Any) -> Any:
 
 def arguments(sizes: Sizes, output_dir: Path, *, max_steps: int | None = None, epochs: float | None = None) -> Any:
     """kdkit's ``TrainingArguments`` for the student (no checkpoints, no progress bar); both sides use them."""
-    from kdkit.student import training_arguments
+    from kdkit.training import training_arguments
 
     cfg = student_config(sizes, **({"epochs": epochs} if epochs is not None else {}))
     args = training_arguments(cfg, output_dir=output_dir, seed=0, save_steps=None, max_steps=max_steps)
@@ -80,7 +80,7 @@ def plain_trainer(model: Any, data: StudentData, args: Any) -> Any:
     """A stock ``Trainer``: the model computes its own cross-entropy; dynamic padding per batch."""
     from transformers import DataCollatorWithPadding, Trainer
 
-    from kdkit.student import EncodedDataset
+    from kdkit.training import EncodedDataset
 
     trainer = Trainer(
         model=model,
@@ -101,8 +101,8 @@ def quiet(trainer: Any) -> Any:
 
 
 def kdkit_trainer(model: Any, data: StudentData, args: Any, teacher_logits: torch.Tensor, loss_fn: Any) -> Any:
-    """kdkit's student trainer exactly as ``kdkit run`` builds it (``kdkit.student.make_trainer``)."""
-    from kdkit.student import EncodedDataset, make_trainer
+    """kdkit's student trainer exactly as ``kdkit run`` builds it (``kdkit.training.make_trainer``)."""
+    from kdkit.training import EncodedDataset, make_trainer
 
     dataset = EncodedDataset(data.encoded, data.mixed_labels, kd_index=range(len(data)))
     return quiet(make_trainer(model, data.tokenizer, dataset, args, teacher_logits=teacher_logits, loss_fn=loss_fn))

@@ -1,0 +1,167 @@
+"""The experiment suite of docs/RESULTS.md (issue 15): Table 2, UniKD's ablation, the lambda sweep and the amount of
+unlabeled data, on two offline data sets, with early stopping on the tune split as the primary protocol and equal
+steps as the control. Every step is an ordinary ``kdkit`` command on a recipe of recipes/suite/.
+
+    python -m kdkit.sources.vader --domain movies --out .data/vader-movies      # once: the data
+    python -m kdkit.sources.rotten_tomatoes --out .data/rotten-tomatoes
+    mkdir -p runs/suite && nohup .venv/bin/python benchmarks/run_experiments.py > runs/suite/suite.out 2>&1 &
+
+Run from the repository root. Teachers and their logits are cached in .kdkit-cache/ and finished student runs are
+reused, so running this again resumes where it stopped. ``--workers 2`` (the default) runs two steps at once, each
+on one thread (a 2-core machine: one core each); ``--only GROUP,...`` picks groups; ``--dry-run`` prints the plan.
+
+Outputs: runs/suite/logs/<step>.log (each step's own output), runs/suite/status.tsv (started / done / failed, wall
+time), and after every step the reports: runs/suite/report-<data>-<protocol>.{md,csv,json} (``kdkit report``),
+runs/suite/<data>/unikd/ablate/ and .../sweep/ (tables and plots), runs/suite/report-<data>-unlabeled.md.
+
+Steps, in the order they are queued: ``table2`` (both data sets, early stopping); ``equal`` on the movie snippets
+(table2 at 200 equal steps, no evaluation: the cheapest); ``unlabeled`` (the movie snippets: KD-Unlabeled and
+UniKD with 1,000 and 2,000 unlabeled sentences; the full ~4,200 are the table2 rows); ``ablate`` and ``sweep``
+(lambda 0, 1, 5, 10, 20) on the movie snippets; ``equal`` on the three-class set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SUITE = ROOT / "recipes" / "suite"
+OUT = ROOT / "runs" / "suite"
+DATASETS = ["vader", "rt"]
+ROWS = ["kd-labeled", "unikd", "kd-unlabeled", "aekd"]
+EARLY = 'student.early_stopping={eval_steps = 25, patience = 4, metric = "accuracy"}'
+EARLY_SETS = ["--set", EARLY, "--set", "student.max_steps=600"]
+LAMBDAS = "0,1,5,10,20"
+UNLABELED = [1000, 2000]
+GROUPS = ["table2", "unlabeled", "ablate", "sweep", "equal"]
+
+
+@dataclass
+class Step:
+    name: str
+    group: str
+    args: list[str]
+
+
+def plan() -> list[Step]:
+    """The steps in the order they are queued: what the reading of docs/RESULTS.md needs most comes first."""
+    steps = []
+    for data in DATASETS:
+        for row in ROWS:
+            extra = ["--set", "student.label_only_baseline=true"] if row == "kd-labeled" else []
+            steps.append(Step(f"{data}-{row}-early", "table2", ["run", f"recipes/suite/{data}/{row}.toml", *EARLY_SETS, *extra]))
+    # the equal-steps control of the movie snippets (cheap: no evaluation), before the longer groups
+    for data in ["vader"]:
+        for row in ROWS:
+            extra = ["--set", "student.label_only_baseline=true"] if row == "kd-labeled" else []
+            sets = ["--set", f"output_dir=runs/suite/{data}-equal", *extra]
+            steps.append(Step(f"{data}-{row}-equal", "equal", ["run", f"recipes/suite/{data}/{row}.toml", *sets]))
+    for size in UNLABELED:
+        for row in ("kd-unlabeled", "unikd"):
+            sets = [*EARLY_SETS, "--set", f"data.max_unlabeled_samples={size}", "--set", f"name={row}-u{size}",
+                    "--set", "output_dir=runs/suite/vader-unlabeled"]
+            steps.append(Step(f"vader-{row}-u{size}", "unlabeled", ["run", f"recipes/suite/vader/{row}.toml", *sets]))
+    # UniKD's ablation and lambda sweep on the movie snippets (on the three-class set they would double the
+    # suite's time on this 2-core machine; the commands are the same with recipes/suite/rt/)
+    steps.append(Step("vader-ablate", "ablate", ["ablate", "recipes/suite/vader/unikd.toml", *EARLY_SETS]))
+    sweep = ["--set", f"plugins.unikd-disagreement.lambda={LAMBDAS}"]
+    steps.append(Step("vader-sweep", "sweep", ["sweep", "recipes/suite/vader/unikd.toml", *EARLY_SETS, *sweep]))
+    for data in ["rt"]:
+        for row in ROWS:
+            extra = ["--set", "student.label_only_baseline=true"] if row == "kd-labeled" else []
+            sets = ["--set", f"output_dir=runs/suite/{data}-equal", *extra]
+            steps.append(Step(f"{data}-{row}-equal", "equal", ["run", f"recipes/suite/{data}/{row}.toml", *sets]))
+    return steps
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+_status_lock = threading.Lock()
+
+
+def _status(line: str) -> None:
+    with _status_lock, (OUT / "status.tsv").open("a", encoding="utf-8") as fh:
+        fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}\t{line}\n")
+
+
+def _run(step: Step) -> bool:
+    log = OUT / "logs" / f"{step.name}.log"
+    _status(f"{step.name}\tstarted")
+    start = time.perf_counter()
+    with log.open("a", encoding="utf-8") as fh:
+        fh.write(f"$ kdkit {' '.join(step.args)}\n")
+        fh.flush()
+        done = subprocess.run([sys.executable, "-m", "kdkit", *step.args], cwd=ROOT, env=_env(), stdout=fh,
+                              stderr=subprocess.STDOUT, check=False)
+    state = "done" if done.returncode == 0 else f"failed (exit {done.returncode})"
+    _status(f"{step.name}\t{state}\t{time.perf_counter() - start:.0f} s")
+    return done.returncode == 0
+
+
+def report() -> None:
+    """The Table 2 reports of every data set and protocol over the runs finished so far."""
+    for data in DATASETS:
+        for protocol, folder in (("early", data), ("equal", f"{data}-equal")):
+            runs = [OUT / folder / row for row in ROWS if (OUT / folder / row / "results.json").is_file()]
+            if not runs:
+                continue
+            stem = OUT / f"report-{data}-{protocol}"
+            args = ["report", *map(str, runs), "--markdown", f"{stem}.md", "--csv", f"{stem}.csv", "--json", f"{stem}.json"]
+            subprocess.run([sys.executable, "-m", "kdkit", *args], cwd=ROOT, env=_env(), capture_output=True, check=False)
+    unlabeled = [OUT / "vader-unlabeled" / f"{row}-u{size}" for size in UNLABELED for row in ("kd-unlabeled", "unikd")]
+    full = [OUT / "vader" / row for row in ("kd-unlabeled", "unikd")]
+    runs = [r for r in unlabeled + full if (r / "results.json").is_file()]
+    if runs:
+        stem = OUT / "report-vader-unlabeled"
+        args = ["report", *map(str, runs), "--markdown", f"{stem}.md", "--csv", f"{stem}.csv", "--json", f"{stem}.json"]
+        subprocess.run([sys.executable, "-m", "kdkit", *args], cwd=ROOT, env=_env(), capture_output=True, check=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--only", default=",".join(GROUPS))
+    parser.add_argument("--dry-run", action="store_true")
+    args = parser.parse_args()
+    groups = args.only.split(",")
+    steps = [s for s in plan() if s.group in groups]
+    if args.dry_run:
+        for step in steps:
+            print(f"{step.name:28} kdkit {' '.join(step.args)}")
+        return
+    (OUT / "logs").mkdir(parents=True, exist_ok=True)
+    queue = list(steps)
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                step = queue.pop(0)
+            _run(step)
+            with lock:
+                report()
+
+    threads = [threading.Thread(target=worker) for _ in range(args.workers)]
+    for thread in threads:
+        thread.start()
+        time.sleep(30)  # the first step starts the teachers; the second then waits on their lock, not a race
+    for thread in threads:
+        thread.join()
+    _status("suite finished")
+
+
+if __name__ == "__main__":
+    main()
