@@ -8,7 +8,9 @@ steps as the control. Every step is an ordinary ``kdkit`` command on a recipe of
 
 Run from the repository root. Teachers and their logits are cached in .kdkit-cache/ and finished student runs are
 reused, so running this again resumes where it stopped. ``--workers 2`` (the default) runs two steps at once, each
-on one thread (a 2-core machine: one core each); ``--only GROUP,...`` picks groups; ``--dry-run`` prints the plan.
+on one thread (a 2-core machine: one core each); ``--only GROUP,...`` picks groups (or single steps by name) and
+queues them in the order given; ``--data vader`` (or ``rt``) keeps one data set's steps of the groups named;
+``--dry-run`` prints the plan.
 
 Outputs: runs/suite/logs/<step>.log (each step's own output), runs/suite/status.tsv (started / done / failed, wall
 time), and after every step the reports: runs/suite/report-<data>-<protocol>.{md,csv,json} (``kdkit report``),
@@ -131,11 +133,21 @@ def report() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--only", default=",".join(GROUPS))
+    parser.add_argument("--only", default=",".join(GROUPS), help="groups or step names, queued in this order")
+    parser.add_argument("--data", default=",".join(DATASETS), help="data sets whose steps are kept")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
-    groups = args.only.split(",")
-    steps = [s for s in plan() if s.group in groups]
+    items, datasets = args.only.split(","), args.data.split(",")
+    names = [s.name for s in plan()]
+    unknown = sorted(set(items) - set(GROUPS) - set(names)) + sorted(set(datasets) - set(DATASETS))
+    if unknown:
+        parser.error(f"unknown group, step or data set: {', '.join(unknown)} (groups: {', '.join(GROUPS)}; "
+                     f"data sets: {', '.join(DATASETS)}; steps: --dry-run lists them)")
+    # queued in the order asked for: a group's steps in the plan's order, a step by its name
+    steps = []
+    for item in items:
+        chosen = [s for s in plan() if s.name == item or (s.group == item and s.name.split("-")[0] in datasets)]
+        steps += [s for s in chosen if s not in steps]
     if args.dry_run:
         for step in steps:
             print(f"{step.name:28} kdkit {' '.join(step.args)}")
