@@ -7,6 +7,8 @@ interruption tests do not depend on how fast the machine is:
 
 * ``teacher-step:N:S``: SIGKILL at the end of optimizer step ``S`` of the ``N``-th teacher trained;
 * ``student-step:S`` / ``student-sigint:S``: SIGKILL / SIGINT (what Ctrl-C sends) at the end of student step ``S``;
+* ``student-trained``: SIGKILL as soon as the first student's training returns (its last checkpoint written, the
+  run not yet recorded as finished);
 * ``student-save:S``: SIGKILL while the Trainer saves ``checkpoint-S`` (weights and optimizer written, its RNG
   state and ``trainer_state.json`` not yet);
 * ``logit-write:N``: during the ``N``-th teacher-logit file write, cut its temporary file to half its bytes,
@@ -165,6 +167,18 @@ def _patch_trainers(kind: str, number: int, step: int, sig: int) -> None:
     kdkit.training.loop.make_trainer = make_trainer
 
 
+def _patch_student_trained() -> None:
+    import kdkit.stages.students
+
+    real = kdkit.stages.students.fit
+
+    def fit(*args: Any, **kwargs: Any) -> Any:
+        real(*args, **kwargs)
+        _die()
+
+    kdkit.stages.students.fit = fit
+
+
 def _patch_checkpoint_save(step: int) -> None:
     from kdkit.training import KDTrainer
 
@@ -253,6 +267,8 @@ def _install(stop: str) -> None:
         _patch_trainers("student", 1, int(rest), signal.SIGKILL if kind == "student-step" else signal.SIGINT)
     elif kind == "student-save":
         _patch_checkpoint_save(int(rest))
+    elif kind == "student-trained":
+        _patch_student_trained()
     elif kind == "logit-write":
         _patch_logit_write(int(rest))
     elif kind == "hold-teacher-lock":

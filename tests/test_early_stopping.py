@@ -10,6 +10,7 @@ is checked.
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,34 @@ def test_a_run_killed_between_evaluations_resumes_with_its_patience(tmp_path: Pa
     # the patience counter came back with the checkpoint: one more evaluation without improvement ends it at 6
     # (a counter starting again from 0 would have gone on to step 8)
     assert figures["steps"] == 6 and figures["best_step"] == 2
+
+
+@pytest.mark.parametrize("protocol", ["equal steps", "early stopping"])
+def test_a_run_killed_after_its_last_step_resumes_without_a_step_too_many(tmp_path: Path, models, protocol) -> None:
+    # The Trainer checks for the end of training only after a step: resumed from the checkpoint of the last step
+    # (or of the evaluation that used up the patience) it trained one step more (found in the suite: 201 steps of
+    # 200). The rerun must repeat the uninterrupted run instead.
+    if protocol == "early stopping":
+        overrides: dict[str, Any] = {"student.early_stopping": EARLY}  # evaluations at 2, 4, 6: stops at 6, keeps 2
+    else:
+        overrides = {"student.max_steps": 6, "student.save_steps": 3}
+    path = write_recipe(tmp_path / "recipe.toml", recipe(tmp_path, models, **overrides))
+    killed = run_kdkit(["run", str(path)], cwd=tmp_path, stop="student-trained")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    (student,) = [p for p in (tmp_path / "runs" / "tiny" / "students").iterdir() if p.is_dir()]
+    assert (student / "checkpoint-6" / "trainer_state.json").is_file() and not (student / "done.json").exists()
+
+    resumed = run_kdkit(["run", str(path), "--json"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    figures = json.loads(resumed.stdout)["student"]["runs"][0]
+    reference = run(tmp_path / "ref", recipe(tmp_path / "ref", models, **overrides))  # never interrupted
+    expected = reference["student"]["runs"][0]
+    assert figures["steps"] == expected["steps"] == 6
+    assert figures["best_step"] == expected["best_step"] == (2 if protocol == "early stopping" else None)
+    assert "written after the last training step" in resumed.stderr
+    assert torch.allclose(
+        read_logits(student / "eval_logits.safetensors"), _eval_logits(reference), atol=1e-5
+    )
 
 
 def test_teachers_stop_early_too_and_their_key_says_so(tmp_path: Path, models) -> None:

@@ -2,7 +2,7 @@
 checkpoints, and one ``fit`` used by teachers and students alike."""
 
 from kdkit.training.arguments import NON_RESULT_FIELDS, optimizer_steps, training_arguments
-from kdkit.training.checkpoints import newest_complete_checkpoint, remove_broken_checkpoints
+from kdkit.training.checkpoints import checkpoint_to_resume, newest_complete_checkpoint, remove_broken_checkpoints
 from kdkit.training.data import EncodedDataset, KDCollator
 from kdkit.training.distillation_trainer import DistillationTrainer, TeacherLogitsCollator
 from kdkit.training.loop import FitResult, fit
@@ -21,6 +21,7 @@ __all__ = [
     "Objective",
     "ObjectiveOutput",
     "TeacherLogitsCollator",
+    "checkpoint_to_resume",
     "fit",
     "make_trainer",
     "newest_complete_checkpoint",

@@ -15,7 +15,7 @@ from transformers import EarlyStoppingCallback, TrainingArguments
 from kdkit.distill.loss import DistillationLoss
 from kdkit.recipe.schema import EarlyStopping
 from kdkit.runtime import say, warn
-from kdkit.training.checkpoints import newest_complete_checkpoint, remove_broken_checkpoints
+from kdkit.training.checkpoints import checkpoint_to_resume
 from kdkit.training.objectives import Objective
 from kdkit.training.trainer import KDTrainer, make_trainer
 
@@ -53,8 +53,8 @@ def fit(
 ) -> tuple[KDTrainer, FitResult]:
     """Train ``model`` on ``dataset`` (see :func:`~kdkit.training.trainer.make_trainer` for the objective).
 
-    :param resume: continue from the newest complete ``checkpoint-<step>`` in ``args.output_dir`` (checkpoints
-        cut off while saving are removed first).
+    :param resume: continue from the newest complete ``checkpoint-<step>`` in ``args.output_dir`` written before
+        training ended (see :func:`~kdkit.training.checkpoints.checkpoint_to_resume`).
     :param label: how the model is named in progress lines ("student (seed 1)").
     :param early_stopping: evaluate on ``eval_dataset`` (with ``compute_metrics``) as ``args`` says, stop after
         the patience, and end with the best checkpoint's weights (the Trainer's EarlyStoppingCallback).
@@ -79,8 +79,7 @@ def fit(
         )
     last = None
     if resume:
-        remove_broken_checkpoints(args.output_dir, console)
-        last = newest_complete_checkpoint(args.output_dir)
+        last = checkpoint_to_resume(args.output_dir, console)
         if last:
             say(console, f"  resuming {label} from {last}")
     start = time.perf_counter()
