@@ -122,6 +122,16 @@ def make_bert(
     return directory
 
 
+def base_and_two_teachers(root: Path, label_names: list[str]) -> dict[str, Path]:
+    """A 1-layer random BERT to train (``base``) and two fine-tuned-looking teachers of it (``t1``, ``t2``) with
+    ``label_names``: the set-up of the tests that give a recipe teacher checkpoints instead of training them."""
+    return {
+        "base": make_bert(root / "base", layers=1, seed=0),
+        "t1": make_bert(root / "t1", layers=1, seed=1, num_labels=len(label_names), label_names=label_names),
+        "t2": make_bert(root / "t2", layers=1, seed=2, num_labels=len(label_names), label_names=label_names),
+    }
+
+
 def quick_recipe(tmp_path: Path, model_dir: Path, **overrides: Any) -> dict[str, Any]:
     """A recipe mapping for a tiny end-to-end run on synthetic data written under ``tmp_path``."""
     train = write_jsonl(tmp_path / "data" / "train.jsonl", sentences(240, seed=1, noise=0.1))

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from typer.testing import CliRunner
 
 import kdkit
-from helpers_models import make_bert, quick_recipe, sentences, write_jsonl
+from helpers_models import base_and_two_teachers, make_bert, quick_recipe, sentences, write_jsonl
 from helpers_reliability import one_thread, write_recipe
 from kdkit import cli
 from kdkit.plugin.registry import BLOCK_ENV_VAR
@@ -36,12 +36,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("models")
-    return {
-        "base": make_bert(root / "base", layers=1, seed=0),
-        "t1": make_bert(root / "t1", layers=1, seed=1, num_labels=2, label_names=LABELS),
-        "t2": make_bert(root / "t2", layers=1, seed=2, num_labels=2, label_names=LABELS),
-    }
+    return base_and_two_teachers(tmp_path_factory.mktemp("models"), LABELS)
 
 
 def recipe(tmp_path: Path, models: dict[str, Path], **overrides: Any) -> dict[str, Any]:
