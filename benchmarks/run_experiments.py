@@ -13,13 +13,21 @@ queues them in the order given; ``--data vader`` (or ``rt``) keeps one data set'
 ``--dry-run`` prints the plan.
 
 Outputs: runs/suite/logs/<step>.log (each step's own output), runs/suite/status.tsv (started / done / failed, wall
-time), and after every step the reports: runs/suite/report-<data>-<protocol>.{md,csv,json} (``kdkit report``),
-runs/suite/<data>/unikd/ablate/ and .../sweep/ (tables and plots), runs/suite/report-<data>-unlabeled.md.
+time), and after every step the reports of the runs finished so far (``kdkit report``):
+runs/suite/report-<data>-<protocol>.{md,csv,json} (Table 2), report-<data>-ablate.* and report-<data>-sweep.*
+(UniKD's ablation and lambda sweep, each beside the Table 2 UniKD row: the recipe as written, lambda 10), and
+report-vader-unlabeled.*.
 
 Steps, in the order they are queued: ``table2`` (both data sets, early stopping); ``equal`` on the movie snippets
 (table2 at 200 equal steps, no evaluation: the cheapest); ``unlabeled`` (the movie snippets: KD-Unlabeled and
 UniKD with 1,000 and 2,000 unlabeled sentences; the full ~4,200 are the table2 rows); ``ablate`` and ``sweep``
-(lambda 0, 1, 5, 10, 20) on the movie snippets; ``equal`` on the three-class set.
+(lambda 0, 1, 5, 20) on the movie snippets, then on the three-class set; ``equal`` on the three-class set.
+
+The ablation and the sweep are queued one variant (eight seeds) a step, so that both workers share them: each step
+is the ``kdkit run`` that ``kdkit ablate`` / ``kdkit sweep`` would make for that variant (the same recipe, the
+same folder, runs/suite/<data>/unikd/ablate/<variant>/ and .../sweep/<key>=<value>/), so either command, run
+afterwards, finds those runs finished and only draws its table and plot. The recipe as written (lambda 10) is not
+run again: it is the Table 2 UniKD row, the same recipe and seeds.
 """
 
 from __future__ import annotations
@@ -40,7 +48,15 @@ DATASETS = ["vader", "rt"]
 ROWS = ["kd-labeled", "unikd", "kd-unlabeled", "aekd"]
 EARLY = 'student.early_stopping={eval_steps = 25, patience = 4, metric = "accuracy"}'
 EARLY_SETS = ["--set", EARLY, "--set", "student.max_steps=600"]
-LAMBDAS = "0,1,5,10,20"
+#: UniKD's ablation as ``kdkit ablate`` makes it: each enabled plugin switched off, then KD on one stream only
+ABLATION = {
+    "without-unikd-correctness": ["plugins.unikd-correctness.enabled=false"],
+    "without-unikd-disagreement": ["plugins.unikd-disagreement.enabled=false"],
+    "on-labeled": ['distill.on=["labeled"]'],
+    "on-unlabeled": ['distill.on=["unlabeled"]'],
+}
+LAMBDA_KEY = "plugins.unikd-disagreement.lambda"
+LAMBDAS = [0, 1, 5, 20]  # and 10, the recipe's own value: the Table 2 UniKD row
 UNLABELED = [1000, 2000]
 GROUPS = ["table2", "unlabeled", "ablate", "sweep", "equal"]
 
@@ -70,16 +86,27 @@ def plan() -> list[Step]:
             sets = [*EARLY_SETS, "--set", f"data.max_unlabeled_samples={size}", "--set", f"name={row}-u{size}",
                     "--set", "output_dir=runs/suite/vader-unlabeled"]
             steps.append(Step(f"vader-{row}-u{size}", "unlabeled", ["run", f"recipes/suite/vader/{row}.toml", *sets]))
-    # UniKD's ablation and lambda sweep on the movie snippets (on the three-class set they would double the
-    # suite's time on this 2-core machine; the commands are the same with recipes/suite/rt/)
-    steps.append(Step("vader-ablate", "ablate", ["ablate", "recipes/suite/vader/unikd.toml", *EARLY_SETS]))
-    sweep = ["--set", f"plugins.unikd-disagreement.lambda={LAMBDAS}"]
-    steps.append(Step("vader-sweep", "sweep", ["sweep", "recipes/suite/vader/unikd.toml", *EARLY_SETS, *sweep]))
+    for data in DATASETS:
+        steps += _ablation_and_sweep(data)
     for data in ["rt"]:
         for row in ROWS:
             extra = ["--set", "student.label_only_baseline=true"] if row == "kd-labeled" else []
             sets = ["--set", f"output_dir=runs/suite/{data}-equal", *extra]
             steps.append(Step(f"{data}-{row}-equal", "equal", ["run", f"recipes/suite/{data}/{row}.toml", *sets]))
+    return steps
+
+
+def _ablation_and_sweep(data: str) -> list[Step]:
+    """UniKD's ablation and lambda sweep on ``data``, one variant a step (see the module's docstring)."""
+    recipe, folder = f"recipes/suite/{data}/unikd.toml", f"runs/suite/{data}/unikd"
+    steps = []
+    for slug, overrides in ABLATION.items():
+        sets = [arg for o in overrides for arg in ("--set", o)]
+        where = ["--set", f"output_dir={folder}/ablate", "--set", f"name={slug}"]
+        steps.append(Step(f"{data}-ablate-{slug}", "ablate", ["run", recipe, *EARLY_SETS, *sets, *where]))
+    for value in LAMBDAS:
+        sets = ["--set", f"{LAMBDA_KEY}={value}", "--set", f"output_dir={folder}/sweep", "--set", f"name={LAMBDA_KEY}={value}"]
+        steps.append(Step(f"{data}-lambda-{value}", "sweep", ["run", recipe, *EARLY_SETS, *sets]))
     return steps
 
 
@@ -111,23 +138,25 @@ def _run(step: Step) -> bool:
     return done.returncode == 0
 
 
+def _report(runs: list[Path], stem: str) -> None:
+    runs = [r for r in runs if (r / "results.json").is_file()]
+    if not runs:
+        return
+    out = OUT / stem
+    args = ["report", *map(str, runs), "--markdown", f"{out}.md", "--csv", f"{out}.csv", "--json", f"{out}.json"]
+    subprocess.run([sys.executable, "-m", "kdkit", *args], cwd=ROOT, env=_env(), capture_output=True, check=False)
+
+
 def report() -> None:
-    """The Table 2 reports of every data set and protocol over the runs finished so far."""
+    """The reports of every data set, protocol and experiment over the runs finished so far."""
     for data in DATASETS:
         for protocol, folder in (("early", data), ("equal", f"{data}-equal")):
-            runs = [OUT / folder / row for row in ROWS if (OUT / folder / row / "results.json").is_file()]
-            if not runs:
-                continue
-            stem = OUT / f"report-{data}-{protocol}"
-            args = ["report", *map(str, runs), "--markdown", f"{stem}.md", "--csv", f"{stem}.csv", "--json", f"{stem}.json"]
-            subprocess.run([sys.executable, "-m", "kdkit", *args], cwd=ROOT, env=_env(), capture_output=True, check=False)
+            _report([OUT / folder / row for row in ROWS], f"report-{data}-{protocol}")
+        unikd = OUT / data / "unikd"  # the recipe as written: lambda 10, every plugin on, both streams
+        _report([unikd, *(unikd / "ablate" / slug for slug in ABLATION)], f"report-{data}-ablate")
+        _report([*(unikd / "sweep" / f"{LAMBDA_KEY}={v}" for v in LAMBDAS), unikd], f"report-{data}-sweep")
     unlabeled = [OUT / "vader-unlabeled" / f"{row}-u{size}" for size in UNLABELED for row in ("kd-unlabeled", "unikd")]
-    full = [OUT / "vader" / row for row in ("kd-unlabeled", "unikd")]
-    runs = [r for r in unlabeled + full if (r / "results.json").is_file()]
-    if runs:
-        stem = OUT / "report-vader-unlabeled"
-        args = ["report", *map(str, runs), "--markdown", f"{stem}.md", "--csv", f"{stem}.csv", "--json", f"{stem}.json"]
-        subprocess.run([sys.executable, "-m", "kdkit", *args], cwd=ROOT, env=_env(), capture_output=True, check=False)
+    _report(unlabeled + [OUT / "vader" / row for row in ("kd-unlabeled", "unikd")], "report-vader-unlabeled")
 
 
 def main() -> None:
