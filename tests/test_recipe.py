@@ -383,6 +383,21 @@ def test_set_dotted_creates_tables_and_refuses_to_descend_into_a_value():
         parse_override("no-equals-sign")
 
 
+def test_an_integer_set_over_a_float_is_that_float_so_the_same_setting_makes_the_same_run():
+    # student run folders are named by a hash of the settings' JSON, where 5 and 5.0 differ: `kdkit run --set
+    # lambda=5` over `lambda = 10.0` must be the run `kdkit sweep` makes for lambda 5 (found by the suite, whose
+    # `kdkit run` steps trained the sweep's runs a second time)
+    data = {"plugins": {"p": {"lam": 10.0, "n": 3, "flag": 1.0}}}
+    set_dotted(data, "plugins.p.lam", 5)
+    set_dotted(data, "plugins.p.n", 4)  # int over int: unchanged
+    set_dotted(data, "plugins.p.flag", True)  # a bool is not a number here
+    set_dotted(data, "plugins.p.new", 7)  # nothing to take the type from
+    assert data == {"plugins": {"p": {"lam": 5.0, "n": 4, "flag": True, "new": 7}}}
+    assert [type(data["plugins"]["p"][k]) for k in ("lam", "n", "flag", "new")] == [float, int, bool, int]
+    set_dotted(data, "plugins.p.n", 2.5)  # a float over an int is kept as given (the schema decides)
+    assert type(data["plugins"]["p"]["n"]) is float and data["plugins"]["p"]["n"] == 2.5
+
+
 def test_overrides_are_validated_like_the_file(tmp_path):
     path = tmp_path / "r.toml"
     path.write_text('name = "r"\n[data]\ndataset = "d"\ntext = ["t"]\n[teachers]\nmodel = "m"\n[student]\nmodel = "m"\n')

@@ -142,23 +142,6 @@ def sweep_variants(axes: Sequence[tuple[str, Sequence[Any]]]) -> list[Variant]:
 
 
 # --------------------------------------------------------------------------- running
-def _get_dotted(data: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = data
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part.strip() not in node:
-            return None
-        node = node[part.strip()]
-    return node
-
-
-def _like(current: Any, value: Any) -> Any:
-    """``10`` where the recipe holds ``10.0`` becomes ``10.0``: the same setting, so the same run (student run
-    folders are named by a hash of the settings' JSON, where 10 and 10.0 differ)."""
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
-
-
 def _prepare(
     base: Recipe, variants: list[Variant], *, kind: str, source: str, fixed: Mapping[str, Any]
 ) -> Path:
@@ -168,7 +151,7 @@ def _prepare(
     for variant in variants:
         values = copy.deepcopy(data)
         for key, value in variant.overrides.items():
-            set_dotted(values, key, _like(_get_dotted(data, key), value))
+            set_dotted(values, key, value)
         where = f"{source} [{kind} variant '{variant.label}']"
         recipe = validate_recipe(values, source=where)
         if recipe == base and not fixed:

@@ -202,7 +202,11 @@ def load_recipe(
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``data[a][b][c] = value`` for ``dotted = "a.b.c"``, creating tables as needed."""
+    """Set ``data[a][b][c] = value`` for ``dotted = "a.b.c"``, creating tables as needed.
+
+    An integer set where the recipe holds a float becomes that float (``lambda=5`` over ``lambda = 10.0`` sets
+    ``5.0``): the same setting must make the same run, and student run folders are named by a hash of the
+    settings' JSON, where ``5`` and ``5.0`` differ (plugin tables are kept as written, not coerced by a schema)."""
     parts = dotted.split(".")
     if not all(part.strip() for part in parts):
         raise RecipeError("--set", [(dotted, "empty part in the dotted key")])
@@ -213,6 +217,9 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise RecipeError("--set", [(".".join(parts[: i + 1]), f"is a value ({child!r}), not a table")])
         node = child
+    current = node.get(parts[-1])
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
     node[parts[-1]] = value
 
 
