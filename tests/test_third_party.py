@@ -180,7 +180,8 @@ def test_its_options_are_checked_by_kdkit_validate(example_site, on_path, tmp_pa
     assert "plugins.confidence-weighting.powr: unknown key 'powr' (did you mean 'power'?)" in result.stderr
     result = runner.invoke(cli.app, ["validate", str(path), "--set", "plugins.confidence-weighting.power=-1"])
     assert result.exit_code == 2
-    assert "plugins.confidence-weighting.power: must be greater than or equal to 0 (got -1)" in result.stderr
+    # the recipe holds 2.0, so `--set power=-1` is read as the float -1.0 (the same setting, the same run)
+    assert "plugins.confidence-weighting.power: must be greater than or equal to 0 (got -1.0)" in result.stderr
     assert "Traceback" not in result.output
 
 
